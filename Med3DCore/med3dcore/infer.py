@@ -1,0 +1,333 @@
+"""Inference users run every day: segmentation (lung; two-stage liver; any segmentation bundle) and nodule
+classification, from a model bundle alone.
+
+:func:`segment` and :func:`classify` are the stable entry points the command line and the Slicer module call.
+A volume's journey: preprocessing recorded in the bundle (reorientation, resampling, windows, z-score) ->
+sliding-window network (``sliding.py``) -> class probabilities back on the input's own grid -> argmax ->
+anatomical clean-up (largest connected components) -> a label map with exactly the input's geometry.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .devices import resolve_device
+from .errors import Med3DError
+from .nets.model import Med3DNet, build_model
+from .nodules import prepare_nodule, scan_box
+from .preprocess import PreprocessSpec, check_intensity_range, preprocess_image, restore_probabilities
+from .progress import Reporter, make_event, null_reporter
+from .sliding import make_predictor, sliding_window
+from .volume import Volume, smallest_label_dtype
+from .weights import Bundle, load_bundle, model_from_bundle
+
+ModelLike = Union[str, "os.PathLike[str]", Bundle]
+
+# Default tile (K, J, I voxels after preprocessing). The network is fully convolutional, so a few large tiles with
+# little overlap waste the least work; this size keeps peak memory near 2 GB for ResNet-10 + lung decoder.
+DEFAULT_TILE = (96, 160, 160)
+DEFAULT_OVERLAP = 0.1
+OUTPUT_STRIDE = 8  # MedicalNet encoders downsample by 8; tiles are multiples of it
+
+# Anatomy-driven clean-up, by task name: keep this many largest connected components, either of each label
+# ("per_label") or of the whole foreground ("foreground"). Lungs: two (left and right) when there is one lung
+# label, one per label when each lung has its own; liver: one organ (tumours inside it stay).
+KEEP_COMPONENTS: Dict[str, Tuple[str, int]] = {"lung": ("per_label", 2), "liver": ("foreground", 1)}
+# A second lung component smaller than this fraction of the first is noise (a scan may show one lung only).
+MIN_SECOND_FRACTION = 0.05
+
+
+@dataclass
+class SegmentationResult:
+    """``labels``: the label map on exactly the input's grid; ``label_info``: one dict per label
+    {value, name, color, terminology}; ``warnings``: things the user should know (e.g. an MR given to a CT model)."""
+
+    labels: Volume
+    label_info: List[Dict[str, Any]]
+    warnings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ClassificationResult:
+    """Class probabilities by name, the most probable class, and the nodule box used (LPS mm)."""
+
+    probabilities: Dict[str, float]
+    predicted: str
+    roi_center_lps: Tuple[float, float, float]
+    roi_size_mm: Tuple[float, float, float]
+    warnings: List[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ bundles
+
+def load_model(model: ModelLike) -> Bundle:
+    """A loaded :class:`Bundle` from a bundle or a path (a MedicalNet backbone file is a clear error)."""
+    if isinstance(model, Bundle):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise Med3DError(f"model must be a path to a Med3D model file or a loaded Bundle, got {type(model).__name__}")
+    if not os.path.isfile(model):
+        raise Med3DError(f"model file {model} does not exist; give the path of a model saved by med3d finetune "
+                         "(or run med3d demo to make one)")
+    return load_bundle(model)
+
+
+def _where(bundle: Bundle) -> str:
+    return str(bundle.path) if bundle.path else "the model"
+
+
+def _require_task(bundle: Bundle, wanted: str, task: Optional[str]) -> None:
+    kind = bundle.task.get("type")
+    name = bundle.task.get("name", "?")
+    if kind == "encoder":
+        raise Med3DError(f"{_where(bundle)} is a pretrained encoder without a task head; fine-tune it first "
+                         f"(med3d finetune --init {_where(bundle)})")
+    if kind != wanted:
+        other = "med3d classify (infer.classify)" if kind == "classification" else "med3d segment (infer.segment)"
+        raise Med3DError(f"{_where(bundle)} is a {kind} model ('{name}'), not a {wanted} model; use it with {other}")
+    if task is not None and task != name:
+        raise Med3DError(f"{_where(bundle)} is a '{name}' model but task '{task}' was asked for; give a '{task}' "
+                         f"model or leave the task out")
+
+
+def _network(state: Mapping[str, Any], architecture: Mapping[str, Any]) -> Med3DNet:
+    net = build_model(architecture)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise Med3DError(f"the model's coarse stage does not fit its architecture ({str(exc).splitlines()[0]}); "
+                         "the file is damaged") from None
+    return net.eval()
+
+
+# ------------------------------------------------------------------------------------------------ segmentation
+
+@dataclass
+class _Options:
+    tile: Optional[Sequence[int]] = DEFAULT_TILE
+    overlap: float = DEFAULT_OVERLAP
+    batch_size: int = 1
+    precision: str = "auto"
+    blend: str = "gaussian"
+    keep_largest: bool = True
+
+
+def _options(options: Mapping[str, Any]) -> _Options:
+    known = {f.name for f in _Options.__dataclass_fields__.values()}  # type: ignore[attr-defined]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise Med3DError(f"unknown segmentation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    # None means "the default" for every option but the tile, where it means "the whole volume at once".
+    return _Options(**{k: v for k, v in options.items() if v is not None or k == "tile"})
+
+
+def _probabilities(volume: Volume, net: Med3DNet, spec: PreprocessSpec, device: torch.device, opts: _Options,
+                   reporter: Reporter, stage: str, input_size: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Class probabilities (C, K, J, I) of ``net`` on ``volume``'s own grid.
+
+    With ``input_size`` the whole preprocessed volume is resized to it (a coarse stage trained that way);
+    otherwise it goes through the sliding window.
+    """
+    array, prepared = preprocess_image(volume, spec)
+    predict = make_predictor(net, device, opts.precision)
+    image = torch.from_numpy(array)[None]
+    if input_size is not None:
+        size = tuple(int(s) for s in input_size)
+        with torch.inference_mode():
+            small = F.interpolate(image[None], size=size, mode="trilinear", align_corners=False)
+            probs = predict(small.to(device)).cpu()
+            probs = F.interpolate(probs, size=array.shape, mode="trilinear", align_corners=False)[0]
+        reporter(make_event(stage, 1, 1))
+    else:
+        probs = sliding_window(predict, image, tile=opts.tile, overlap=opts.overlap, batch_size=opts.batch_size,
+                               blend=opts.blend, multiple=OUTPUT_STRIDE, pad_value=float(array.min()),
+                               device=device, reporter=reporter, stage=stage)
+    del image, array
+    return restore_probabilities(probs.numpy(), prepared)
+
+
+def keep_largest_components(labels: np.ndarray, mode: str, count: int) -> np.ndarray:
+    """Keep the ``count`` largest 26-connected components of each label (``per_label``) or of the foreground
+    (``foreground``, whole components kept with all their labels); the rest becomes background. Components
+    after the first that are smaller than :data:`MIN_SECOND_FRACTION` of it are dropped too."""
+    out = labels.copy()
+    structure = np.ones((3, 3, 3), dtype=bool)
+    groups = [labels > 0] if mode == "foreground" else [labels == v for v in np.unique(labels) if v != 0]
+    for mask in groups:
+        components, n = ndimage.label(mask, structure=structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(components.ravel())[1:]
+        order = np.argsort(sizes)[::-1]
+        keep = [order[0]] + [c for c in order[1:count] if sizes[c] >= MIN_SECOND_FRACTION * sizes[order[0]]]
+        drop = np.ones(n + 1, dtype=bool)
+        drop[0] = False
+        drop[np.asarray(keep) + 1] = False
+        out[drop[components]] = 0
+    return out
+
+
+def _label_map(probs: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Argmax over classes, mapped to the bundle's label values (class 0 is background)."""
+    index = np.argmax(probs, axis=0)
+    if len(values) + 1 != probs.shape[0]:
+        raise Med3DError(f"the model lists {len(values)} labels but its network gives {probs.shape[0]} classes "
+                         "(background + one per label); the file is damaged")
+    labels = np.asarray([0] + list(values), dtype=np.int64)[index]
+    return labels.astype(smallest_label_dtype(labels))
+
+
+def _crop(volume: Volume, start: Sequence[int], stop: Sequence[int]) -> Volume:
+    """The sub-volume of voxels start..stop (K, J, I), with its origin moved so every voxel keeps its place."""
+    k0, j0, i0 = (int(s) for s in start)
+    k1, j1, i1 = (int(s) for s in stop)
+    origin = volume.ijk_to_lps() @ np.array([i0, j0, k0, 1.0])
+    return Volume(volume.array[k0:k1, j0:j1, i0:i1], volume.spacing, tuple(origin[:3]), volume.direction.copy())
+
+
+def _two_stage(volume: Volume, bundle: Bundle, fine: Med3DNet, device: torch.device, opts: _Options,
+               reporter: Reporter, warnings: List[str]) -> np.ndarray:
+    """Coarse ROI on the whole volume, crop with a margin, fine segmentation inside, paste back."""
+    coarse = bundle.extra["coarse"]
+    coarse_net = _network(coarse["state_dict"], coarse["architecture"])
+    coarse_spec = PreprocessSpec.from_dict(coarse["preprocessing"])
+    probs = _probabilities(volume, coarse_net, coarse_spec, device, opts, reporter, "coarse",
+                           coarse.get("input_size"))
+    foreground = keep_largest_components((np.argmax(probs, axis=0) > 0).astype(np.uint8), "foreground", 1)
+    del probs
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    if not foreground.any():
+        warnings.append(f"the coarse stage found no {bundle.task.get('name', 'organ')} in this scan; the label map "
+                        "is empty (is it the right body region and modality?)")
+        return labels
+    found = np.argwhere(foreground)
+    margin_mm = float(bundle.extra.get("margin_mm", 10.0))
+    margin = [int(math.ceil(margin_mm / volume.spacing[2 - axis])) for axis in range(3)]  # (K, J, I) voxels
+    start = np.maximum(found.min(axis=0) - margin, 0)
+    stop = np.minimum(found.max(axis=0) + 1 + np.asarray(margin), volume.shape)
+    roi = _crop(volume, start, stop)
+    spec = PreprocessSpec.from_dict(bundle.preprocessing)
+    fine_probs = _probabilities(roi, fine, spec, device, opts, reporter, "fine")
+    values = [int(info["value"]) for info in bundle.labels]
+    fine_labels = _label_map(fine_probs, values)
+    labels = labels.astype(fine_labels.dtype)
+    labels[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] = fine_labels
+    return labels
+
+
+def segment(volume: Volume, model: ModelLike, task: Optional[str] = None, device: str = "auto",
+            reporter: Optional[Reporter] = None, **options: Any) -> SegmentationResult:
+    """Segment ``volume`` with a segmentation bundle (a path or a loaded :class:`Bundle`).
+
+    ``task`` (e.g. ``"lung"``, ``"liver"``), when given, must be the bundle's task. A bundle with a coarse stage
+    (``extra["coarse"]``, the liver model) runs both stages. ``options``: ``tile`` (K, J, I voxels, None = whole
+    volume), ``overlap``, ``batch_size``, ``precision`` (auto/fp32/bf16/amp), ``blend`` (gaussian/constant),
+    ``keep_largest`` (anatomical clean-up, default on). Progress goes to ``reporter``; warnings (also sent as
+    ``message`` events) are in the result. The label map has exactly the input's size, spacing, origin and
+    direction.
+    """
+    reporter = reporter or null_reporter
+    opts = _options(options)
+    if not isinstance(volume, Volume):
+        raise Med3DError(f"segment needs a Volume (see med3dcore.volume.read_volume), got {type(volume).__name__}")
+    bundle = load_model(model)
+    _require_task(bundle, "segmentation", task)
+    name = str(bundle.task.get("name", "segmentation"))
+    spec = PreprocessSpec.from_dict(bundle.preprocessing)
+    dev = resolve_device(device)
+    warnings: List[str] = []
+    warning = check_intensity_range(volume.array, spec.modality)
+    if warning:
+        warnings.append(warning)
+        reporter(make_event("segment", kind="message", message=f"warning: {warning}"))
+    net = model_from_bundle(bundle)
+    if "coarse" in bundle.extra:
+        labels = _two_stage(volume, bundle, net, dev, opts, reporter, warnings)
+    else:
+        probs = _probabilities(volume, net, spec, dev, opts, reporter, name)
+        labels = _label_map(probs, [int(info["value"]) for info in bundle.labels])
+        del probs
+    rule = KEEP_COMPONENTS.get(name)
+    if opts.keep_largest and rule is not None:
+        per_label, count = rule
+        if per_label == "per_label" and len(bundle.labels) > 1:
+            count = 1  # one label per lung: the largest of each
+        labels = keep_largest_components(labels, per_label, count)
+    label_info = [{"value": int(info["value"]), "name": str(info["name"]), "color": info.get("color"),
+                   "terminology": info.get("terminology")} for info in bundle.labels]
+    return SegmentationResult(volume.with_array(labels), label_info, warnings)
+
+
+# ------------------------------------------------------------------------------------------------ classification
+
+def _mask_box(volume: Volume, mask: Union[Volume, np.ndarray]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Centroid and bounding-box size (LPS mm, voxel edges included) of a mask's non-zero voxels."""
+    values = mask.array if isinstance(mask, Volume) else np.asarray(mask)
+    if values.shape != volume.shape:
+        raise Med3DError(f"the mask has size {values.shape[::-1]} but the image {volume.shape[::-1]} (I, J, K); give "
+                         "a mask drawn on this image's grid")
+    kji = np.argwhere(values > 0)
+    if len(kji) == 0:
+        raise Med3DError("the mask has no voxels (all zero); draw the nodule in the mask or give an ROI instead")
+    matrix = volume.ijk_to_lps()
+    world = kji[:, ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
+    half = np.abs(volume.direction) @ (np.asarray(volume.spacing) / 2.0)
+    size = world.max(axis=0) - world.min(axis=0) + 2 * half
+    return tuple(float(v) for v in world.mean(axis=0)), tuple(float(v) for v in size)
+
+
+def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+             mask: Union[Volume, np.ndarray, None] = None, device: str = "auto") -> ClassificationResult:
+    """Classify the nodule in ``volume`` with a classification bundle (a path or a loaded :class:`Bundle`).
+
+    Mark the nodule with ``roi`` = (centre, size), both LPS mm (size may be None: the whole cube is visible), or
+    with ``mask`` (non-zero voxels on the image's grid), or neither when ``volume`` is itself a nodule crop.
+    Returns the class probabilities by label name and the box used.
+    """
+    if not isinstance(volume, Volume):
+        raise Med3DError(f"classify needs a Volume (see med3dcore.volume.read_volume), got {type(volume).__name__}")
+    if roi is not None and mask is not None:
+        raise Med3DError("give either an ROI (centre and size) or a mask, not both")
+    bundle = load_model(model)
+    _require_task(bundle, "classification", None)
+    params = bundle.extra.get("nodule_input")
+    warnings: List[str] = []
+    warning = check_intensity_range(volume.array, "CT")
+    if warning:
+        warnings.append(warning)
+    if roi is not None:
+        try:
+            centre, size = roi
+        except (TypeError, ValueError):
+            raise Med3DError("roi must be (centre, size): centre x, y, z and size in LPS mm") from None
+        cube = prepare_nodule(volume, center_lps=centre, size_mm=size, params=params)
+        low, high = scan_box(volume)
+        box_centre = tuple(float(v) for v in centre)
+        box_size = tuple(float(v) for v in (size if size is not None else high - low))
+    elif mask is not None:
+        box_centre, box_size = _mask_box(volume, mask)
+        cube = prepare_nodule(volume, mask=mask, params=params)
+    else:
+        cube = prepare_nodule(volume, params=params)
+        low, high = scan_box(volume)
+        box_centre = tuple(float(v) for v in (low + high) / 2.0)
+        box_size = tuple(float(v) for v in high - low)
+    dev = resolve_device(device)
+    net = model_from_bundle(bundle).to(dev)
+    with torch.inference_mode():
+        logits = net(torch.from_numpy(cube)[None].to(dev)).float().cpu()
+    probs = torch.softmax(logits[0], dim=0).numpy()
+    names = {int(info["value"]): str(info["name"]) for info in bundle.labels}
+    if len(names) != len(probs):
+        raise Med3DError(f"{_where(bundle)} lists {len(names)} labels but its network gives {len(probs)} classes; "
+                         "the file is damaged")
+    probabilities = {names[value]: float(probs[i]) for i, value in enumerate(sorted(names))}
+    predicted = max(probabilities, key=probabilities.get)  # type: ignore[arg-type]
+    return ClassificationResult(probabilities, predicted, box_centre, box_size, warnings)  # type: ignore[arg-type]

@@ -1,0 +1,181 @@
+"""Sliding-window inference for fully convolutional 3D networks.
+
+A volume larger than one network input is covered by equal-sized tiles; each tile's prediction is weighted by an
+importance map (a Gaussian centred on the tile, so tile borders, where the network sees little context, count
+less) and the weighted sum is divided by the summed weights. Tile positions follow the common scheme (stride =
+tile * (1 - overlap), the last tile flush with the far border), so results match other tools with the same
+settings. Volumes smaller than a tile are padded; the output is cropped back to the input size.
+
+Speed (measured on CPU, see Testing/benchmarks/RESULTS.md): the network is fully convolutional, so few large
+tiles with little overlap do far less redundant work than many small ones, and batched or large convolutions run
+on oneDNN while small batch-1 3D convolutions fall back to a slower path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import Med3DError
+from .progress import Reporter, make_event, null_reporter
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+PRECISIONS = ("auto", "fp32", "bf16", "amp")
+BLENDS = ("gaussian", "constant")
+
+
+def tile_starts(size: int, tile: int, overlap: float) -> List[int]:
+    """Start indices of tiles of length ``tile`` covering ``size`` voxels with the given fractional overlap."""
+    if tile >= size:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    count = math.ceil((size - tile) / stride) + 1
+    return sorted({min(i * stride, size - tile) for i in range(count)})
+
+
+def importance_map(tile: Sequence[int], blend: str = "gaussian", sigma_scale: float = 0.125) -> torch.Tensor:
+    """Per-voxel weight of a tile's prediction: a separable Gaussian (sigma = sigma_scale * tile) with maximum 1,
+    or all ones for ``constant`` (plain averaging)."""
+    if blend not in BLENDS:
+        raise Med3DError(f"unknown blend mode '{blend}'; choose one of: {', '.join(BLENDS)}")
+    if blend == "constant":
+        return torch.ones(tuple(int(t) for t in tile), dtype=torch.float32)
+    axes = []
+    for length in tile:
+        x = torch.arange(int(length), dtype=torch.float64)
+        sigma = max(sigma_scale * length, 1e-3)
+        axes.append(torch.exp(-0.5 * ((x - (length - 1) / 2.0) / sigma) ** 2))
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weights = weights / weights.max()
+    # Corner voxels of a volume are seen by one tile only; keep their weight representable in float32.
+    return weights.clamp(min=1e-20).to(torch.float32)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def effective_tile(size: Sequence[int], tile: Optional[Sequence[int]], multiple: int = 1) -> Tuple[int, int, int]:
+    """The tile actually used: ``tile`` (None = the whole volume), never larger than the volume needs, and a
+    multiple of ``multiple`` (the network's total stride) along every axis."""
+    if tile is None:
+        tile = size
+    tile = tuple(int(t) for t in tile)
+    if len(tile) != 3 or min(tile) < 1:
+        raise Med3DError(f"tile size must be three positive integers (K, J, I), got {tile}")
+    return tuple(_round_up(min(t, s), multiple) for t, s in zip(tile, size))  # type: ignore[return-value]
+
+
+def _tiles(size: Sequence[int], tile: Sequence[int], overlap: float) -> Iterator[Tuple[slice, slice, slice]]:
+    for k in tile_starts(size[0], tile[0], overlap):
+        for j in tile_starts(size[1], tile[1], overlap):
+            for i in tile_starts(size[2], tile[2], overlap):
+                yield (slice(k, k + tile[0]), slice(j, j + tile[1]), slice(i, i + tile[2]))
+
+
+def sliding_window(predict: Predictor, image: Union[torch.Tensor, np.ndarray], tile: Optional[Sequence[int]] = None,
+                   overlap: float = 0.25, batch_size: int = 1, blend: str = "gaussian", sigma_scale: float = 0.125,
+                   multiple: int = 1, pad_value: float = 0.0, device: Union[str, torch.device, None] = None,
+                   out_device: Union[str, torch.device] = "cpu", reporter: Optional[Reporter] = None,
+                   stage: str = "infer") -> torch.Tensor:
+    """Run ``predict`` over ``image`` (C, K, J, I) in tiles and blend the results.
+
+    ``predict`` maps a batch (B, C, k, j, i) to (B, N, k, j, i) (e.g. class probabilities). ``tile`` is in voxels
+    (None = the whole volume at once); it is shrunk to the volume where the volume is smaller and rounded up to
+    ``multiple`` (padding with ``pad_value``). Tiles are sent to ``device`` (default: the image's) in batches of
+    ``batch_size``; the float32 output (N, K, J, I) is accumulated on ``out_device`` (CPU by default, which keeps
+    GPU memory to one batch). Progress goes to ``reporter`` as ``stage`` events, one per batch.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise Med3DError(f"overlap must be in [0, 1), got {overlap}; 0.25 is a common choice")
+    if batch_size < 1:
+        raise Med3DError(f"batch size must be at least 1, got {batch_size}")
+    image = torch.as_tensor(image)
+    if image.dim() != 4:
+        raise Med3DError(f"sliding-window input must be (channels, K, J, I), got shape {tuple(image.shape)}")
+    reporter = reporter or null_reporter
+    device = torch.device(device) if device is not None else image.device
+    out_device = torch.device(out_device)
+    size = tuple(int(s) for s in image.shape[1:])
+    tile = effective_tile(size, tile, multiple)
+    padded = tuple(max(s, t) for s, t in zip(size, tile))
+    if padded != size:
+        pads = []
+        for s, p in zip(reversed(size), reversed(padded)):
+            pads += [0, p - s]
+        image = F.pad(image, pads, mode="constant", value=pad_value)
+
+    windows = list(_tiles(padded, tile, overlap))
+    weight = importance_map(tile, blend, sigma_scale).to(out_device)
+    weight_sum = torch.zeros(padded, dtype=torch.float32, device=out_device)
+    output: Optional[torch.Tensor] = None
+    total = math.ceil(len(windows) / batch_size)
+    # Only the network runs in inference mode: its outputs cannot be updated in place, but the accumulators
+    # below are ordinary tensors that callers may modify.
+    with torch.no_grad():
+        for step, first in enumerate(range(0, len(windows), batch_size), start=1):
+            batch_windows = windows[first:first + batch_size]
+            batch = torch.stack([image[(slice(None),) + w] for w in batch_windows]).to(device)
+            with torch.inference_mode():
+                result = predict(batch)
+            if result.dim() != 5 or tuple(result.shape[2:]) != tuple(tile) or result.shape[0] != len(batch_windows):
+                raise Med3DError(f"the network returned shape {tuple(result.shape)} for input {tuple(batch.shape)}; "
+                                 "a segmentation model must return one map per class at the input size")
+            result = result.to(device=out_device, dtype=torch.float32)
+            if output is None:
+                output = torch.zeros((result.shape[1],) + padded, dtype=torch.float32, device=out_device)
+            for b, w in enumerate(batch_windows):
+                output[(slice(None),) + w] += result[b] * weight
+                weight_sum[w] += weight
+            reporter(make_event(stage, step, total))
+        assert output is not None
+        output /= weight_sum
+    return output[:, :size[0], :size[1], :size[2]]
+
+
+def make_predictor(model: nn.Module, device: Union[str, torch.device], precision: str = "auto",
+                   activation: str = "softmax") -> Predictor:
+    """Wrap a network for :func:`sliding_window`: eval mode on ``device``, chosen precision, output activation.
+
+    ``precision``: ``fp32``; ``bf16`` (bfloat16 weights and inputs in channels-last layout: faster on CPUs with
+    bf16 support, about 1% output error); ``amp`` (float16 autocast, CUDA only); ``auto`` = ``amp`` on CUDA,
+    ``fp32`` elsewhere. The model is moved (and for ``bf16`` converted) in place. ``activation``: ``softmax``
+    over classes, ``sigmoid`` or ``none``. Outputs are float32.
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise Med3DError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "amp" if device.type == "cuda" else "fp32"
+    if precision == "amp" and device.type != "cuda":
+        raise Med3DError("precision 'amp' (float16 autocast) needs a CUDA device; use bf16 or fp32 on "
+                         f"{device.type}")
+    if activation not in ("softmax", "sigmoid", "none"):
+        raise Med3DError(f"unknown activation '{activation}'; choose softmax, sigmoid or none")
+    model = model.eval().to(device)
+    dtype = torch.float32
+    layout = torch.contiguous_format
+    if precision == "bf16":
+        dtype = torch.bfloat16
+        layout = torch.channels_last_3d
+        model = model.to(dtype=dtype, memory_format=layout)
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device=device, dtype=dtype).contiguous(memory_format=layout)
+        if precision == "amp":
+            with torch.autocast(device_type="cuda", dtype=torch.float16):
+                logits = model(batch)
+        else:
+            logits = model(batch)
+        logits = logits.float()
+        if activation == "softmax":
+            return torch.softmax(logits, dim=1)
+        if activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return logits
+
+    return predict

@@ -1,0 +1,514 @@
+"""The one training loop, shared by multi-domain pretraining and fine-tuning.
+
+:func:`train` runs ``config.total_steps`` optimisation steps of Adam on a model. What a step trains on and what
+it minimises come from two callbacks, so the same loop serves every task:
+
+- ``next_batch(step) -> batch``: this process's share of the global batch for ``step`` (1-based). Under torchrun
+  each rank returns its own ``batch_size / world_size`` samples (see :func:`distributed_context`).
+- ``compute_loss(model, batch) -> (loss, metrics)``: a scalar tensor and a dict of floats (strings such as a
+  domain name are passed through to progress events). It is called once per micro-batch (below).
+
+Around them the loop provides: per-parameter-group learning rates (:func:`param_groups`: pretrained encoder vs new
+layers), weight decay, warm-up + constant/poly/cosine schedules, gradient clipping, mixed precision on CUDA (bf16,
+or fp16 with a GradScaler; always off on CPU), atomic checkpoints every N steps (``checkpoints/last.pt``), exact
+resume (step, model, optimiser, scheduler, GradScaler, the state of every object in ``stateful`` such as the
+sampler, and the python/numpy/torch random states), optional validation every N steps that keeps
+``checkpoints/best.pt`` by a named metric, and progress events through the reporter.
+
+A non-finite loss (or non-finite weights before a checkpoint) stops the run with a :class:`Med3DError` naming
+the step (and domain, when the metrics carry one); ``last.pt`` is never overwritten with such weights, so the
+last good checkpoint stays resumable.
+
+Data parallel (torchrun): every rank draws the same step plan and trains on its own slice of the batch; gradients
+are averaged with one all-reduce per step (gloo on CPU, NCCL on CUDA); rank 0 alone writes checkpoints and
+reports. BatchNorm statistics are per micro-batch: the batch a process holds is split into micro-batches of
+``config.micro_batch`` samples (default: all of them), each is forwarded and back-propagated on its own and the
+gradients averaged. So a single process with ``batch_size=4, micro_batch=2`` computes exactly what two torchrun
+ranks with two samples each compute, and MedicalNet's plain BatchNorm layers are kept unchanged (SyncBatchNorm is
+GPU-only and would change per-process semantics anyway). Gradients are averaged with explicit all-reduces rather
+than ``DistributedDataParallel`` because a pretraining step uses one domain branch only: parameters without a
+gradient must stay untouched (no zero-gradient Adam update), which explicit reduction of the parameters that do
+have a gradient guarantees; every rank trains the same branch at a given step.
+
+Fine-tuning uses it like this::
+
+    model = build_model(architecture); load pretrained encoder weights
+    groups = param_groups(model, lr=cfg.lr, pretrained_lr=cfg.pretrained_lr)   # "encoder." = pretrained
+    result = train(model, cfg, next_batch=sampler.next_batch, compute_loss=seg_loss, out_dir=out,
+                   groups=groups, validate=lambda m: {"dice": ...}, stateful={"sampler": sampler},
+                   reporter=reporter, resume=args.resume, stage="finetune")
+    best weights: result.best_path (or result.last_path); then save a bundle with weights.save_bundle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .devices import describe_device, resolve_device
+from .errors import Med3DError
+from .progress import Reporter, make_event, null_reporter
+from .weights import atomic_save, safe_load
+
+SCHEDULES = ("constant", "poly", "cosine")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+CHECKPOINT_FORMAT = "med3d-train-checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (all JSON-able, recorded in every checkpoint).
+
+    Give ``steps``, or ``epochs`` and ``steps_per_epoch`` (then steps = epochs * steps_per_epoch).
+    ``batch_size`` is the global batch over all processes; ``micro_batch`` is the BatchNorm group size.
+    """
+    steps: int = 100
+    epochs: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    batch_size: int = 2
+    micro_batch: Optional[int] = None
+    lr: float = 1e-3
+    pretrained_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    schedule: str = "poly"
+    poly_power: float = 0.9
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+    amp: str = "auto"
+    checkpoint_every: int = 50
+    validate_every: int = 0
+    best_metric: Optional[str] = None
+    best_mode: str = "max"
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None:
+            if not self.steps_per_epoch or self.epochs < 1 or self.steps_per_epoch < 1:
+                raise Med3DError("epochs needs steps_per_epoch >= 1 (and epochs >= 1); or give steps instead")
+            self.steps = int(self.epochs) * int(self.steps_per_epoch)
+        checks = [
+            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.micro_batch is None or self.micro_batch >= 1, f"micro_batch must be >= 1, got {self.micro_batch}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.pretrained_lr is None or self.pretrained_lr >= 0, "pretrained_lr must not be negative"),
+            (self.weight_decay >= 0, f"weight_decay must not be negative, got {self.weight_decay}"),
+            (self.schedule in SCHEDULES, f"schedule '{self.schedule}' unknown; choose {', '.join(SCHEDULES)}"),
+            (self.amp in AMP_MODES, f"amp '{self.amp}' unknown; choose {', '.join(AMP_MODES)}"),
+            (self.warmup_steps >= 0, "warmup_steps must not be negative"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive (or null for none)"),
+            (self.checkpoint_every >= 0, "checkpoint_every must not be negative (0: only at the end)"),
+            (self.validate_every >= 0, "validate_every must not be negative (0: only at the end)"),
+            (self.best_mode in ("max", "min"), f"best_mode must be 'max' or 'min', got '{self.best_mode}'"),
+            (self.log_every >= 1, "log_every must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise Med3DError(f"training config: {message}")
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.steps)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a config file's ``training`` section; unknown keys are an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise Med3DError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**dict(values))
+        except TypeError as exc:
+            raise Med3DError(f"training config: {exc}") from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: where its checkpoints are, the step reached and the per-step history."""
+    out_dir: Path
+    last_path: Path
+    best_path: Optional[Path]
+    step: int
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_context(device: Optional[torch.device] = None) -> DistContext:
+    """The process's place in a torchrun job (rank 0 of 1 without torchrun).
+
+    Under torchrun (``WORLD_SIZE`` > 1 in the environment) the process group is started on first use: NCCL when
+    ``device`` is CUDA, gloo otherwise.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise Med3DError("torchrun started several processes, but this PyTorch build has no torch.distributed")
+    if not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://")
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def training_device(name: str = "auto") -> torch.device:
+    """The device this process trains on: under torchrun on CUDA, the GPU of its ``LOCAL_RANK``."""
+    device = resolve_device(name)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (call before building a model so initial weights are reproducible)."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, lr: float, pretrained_lr: Optional[float] = None,
+                 pretrained_prefix: str = "encoder.") -> List[Dict[str, Any]]:
+    """Optimiser groups: parameters under ``pretrained_prefix`` at ``pretrained_lr`` (default ``lr``), the rest
+    (new layers) at ``lr``. Frozen parameters (``requires_grad=False``) are left out."""
+    pretrained, new = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (pretrained if name.startswith(pretrained_prefix) else new).append(p)
+    groups = []
+    if pretrained:
+        groups.append({"name": "pretrained", "params": pretrained, "lr": lr if pretrained_lr is None else pretrained_lr})
+    if new:
+        groups.append({"name": "new", "params": new, "lr": lr})
+    if not groups:
+        raise Med3DError("the model has no trainable parameters; unfreeze some layers before training")
+    return groups
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the base learning rate for the update of ``step`` (0-based count of updates done)."""
+    total, warm = config.total_steps, config.warmup_steps
+    if warm and step < warm:
+        return (step + 1) / warm
+    if config.schedule == "constant":
+        return 1.0
+    progress = min(max((step - warm) / max(total - warm, 1), 0.0), 1.0)
+    if config.schedule == "poly":
+        return (1.0 - progress) ** config.poly_power
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if device.type != "cuda" or config.amp == "off":
+        return None
+    if config.amp == "fp16":
+        return torch.float16
+    if config.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _make_scaler(enabled: bool) -> Any:
+    amp = getattr(torch, "amp", None)
+    if amp is not None and hasattr(amp, "GradScaler"):
+        return amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
+
+
+def split_batch(batch: Any, parts: int) -> List[Any]:
+    """Split a batch (tensor, or dict/list/tuple of tensors; other values are shared) into ``parts`` equal
+    micro-batches along dimension 0."""
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        if batch.shape[0] % parts:
+            raise Med3DError(f"a batch of {batch.shape[0]} samples cannot be split into {parts} equal micro-batches; "
+                             "make batch_size a multiple of micro_batch * number of processes")
+        return list(torch.chunk(batch, parts, dim=0))
+    if isinstance(batch, dict):
+        pieces = {k: split_batch(v, parts) for k, v in batch.items()}
+        return [{k: pieces[k][i] for k in batch} for i in range(parts)]
+    if isinstance(batch, (list, tuple)):
+        pieces = [split_batch(v, parts) for v in batch]
+        return [type(batch)(p[i] for p in pieces) for i in range(parts)]
+    return [batch] * parts
+
+
+def _batch_len(batch: Any) -> Optional[int]:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    for v in values:
+        n = _batch_len(v)
+        if n is not None:
+            return n
+    return None
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"python": json.dumps(random.getstate()),
+             "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, *rest = json.loads(state["numpy"])
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _nan_error(step: int, loss: float, metrics: Mapping[str, Any], last_path: Path, last_step: int) -> Med3DError:
+    where = f"step {step}" + (f" (domain '{metrics['domain']}')" if "domain" in metrics else "")
+    kept = (f"the last good checkpoint {last_path} (step {last_step}) is kept: resume from it with a lower "
+            "learning rate or gradient clipping" if last_step > 0 else
+            "no checkpoint was written yet; lower the learning rate, set grad_clip, or check the data of that domain")
+    return Med3DError(f"training stopped: the loss became {loss} at {where}; {kept}")
+
+
+def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any],
+          compute_loss: Callable[[nn.Module, Any], Tuple[torch.Tensor, Dict[str, Any]]],
+          out_dir, *, groups: Optional[List[Dict[str, Any]]] = None,
+          validate: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
+          stateful: Optional[Mapping[str, Any]] = None, reporter: Optional[Reporter] = None,
+          resume: bool = False, stage: str = "train", device: Optional[torch.device] = None) -> TrainResult:
+    """Train ``model`` for ``config.total_steps`` steps; see the module docstring for the callbacks.
+
+    ``out_dir/checkpoints/last.pt`` is written every ``config.checkpoint_every`` steps and at the end;
+    ``best.pt`` whenever validation improves ``config.best_metric``. ``stateful`` objects (e.g. the sampler) need
+    ``state_dict()`` / ``load_state_dict(state)``; their states go into checkpoints. With ``resume=True`` training
+    continues exactly from ``last.pt`` (an error if it is missing or from a different configuration); without it,
+    an existing ``last.pt`` is an error rather than being overwritten.
+    """
+    reporter = reporter or null_reporter
+    stateful = dict(stateful or {})
+    device = device or training_device(config.device)
+    ctx = distributed_context(device)
+    out = Path(out_dir)
+    ckpt_dir = out / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    if ctx.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    model.train()
+    opt_groups = groups if groups is not None else param_groups(model, config.lr, config.pretrained_lr)
+    optimizer = torch.optim.Adam(opt_groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    amp_dtype = _amp_dtype(config, device)
+    scaler = _make_scaler(amp_dtype == torch.float16)
+
+    start_step, history, best = 0, [], None
+    if resume:
+        if not last_path.is_file():
+            raise Med3DError(f"--resume was given but {last_path} does not exist; start without --resume")
+        ckpt = safe_load(last_path)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise Med3DError(f"{last_path} is not a Med3D training checkpoint; start a new run in another folder")
+        saved = dict(ckpt["config"])
+        mismatch = [k for k in ("batch_size", "micro_batch", "seed", "schedule")
+                    if saved.get(k) != getattr(config, k)]
+        if mismatch:
+            raise Med3DError(f"cannot resume: the checkpoint was made with different {', '.join(mismatch)} "
+                             f"({', '.join(f'{k}={saved.get(k)}' for k in mismatch)}); use the original settings")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        for name, obj in stateful.items():
+            obj.load_state_dict(json.loads(ckpt["stateful"][name]))
+        _set_rng_state(ckpt["rng"])
+        start_step = int(ckpt["step"])
+        history = json.loads(ckpt["history"])
+        best = json.loads(ckpt["best"]) if ckpt.get("best") else None
+    elif ctx.is_main and last_path.exists():
+        raise Med3DError(f"{last_path} exists from an earlier run; pass --resume to continue it or choose a new "
+                         "output folder")
+    if ctx.world_size > 1:
+        _broadcast_model(model)
+
+    last_saved_step = start_step if resume else 0
+
+    def save_last(step: int) -> None:
+        nonlocal last_saved_step
+        if not ctx.is_main:
+            return
+        if not _all_finite(model):
+            raise Med3DError(f"training stopped: the weights became NaN/inf at step {step}; the last good "
+                             f"checkpoint {last_path} (step {last_saved_step}) is kept: resume from it with a "
+                             "lower learning rate or gradient clipping")
+        atomic_save({"format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(),
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "stateful": {n: json.dumps(o.state_dict()) for n, o in stateful.items()},
+                     "rng": _rng_state(), "history": json.dumps(history),
+                     "best": json.dumps(best) if best else None}, last_path)
+        last_saved_step = step
+
+    def run_validation(step: int) -> None:
+        nonlocal best
+        if validate is None or not ctx.is_main:
+            return
+        model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in validate(model).items()}
+        model.train()
+        reporter(make_event(stage, step, config.total_steps, kind="message", message="validation " + ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items()), metrics=metrics))
+        name = config.best_metric or next(iter(metrics), None)
+        if name is None:
+            return
+        if name not in metrics:
+            raise Med3DError(f"best_metric '{name}' is not among the validation metrics ({', '.join(metrics)})")
+        value = metrics[name]
+        better = best is None or (value > best["value"] if config.best_mode == "max" else value < best["value"])
+        if better and math.isfinite(value):
+            best = {"metric": name, "value": value, "step": step, "metrics": metrics}
+            atomic_save({"format": CHECKPOINT_FORMAT + "-best", "step": step, "metrics": metrics,
+                         "model": model.state_dict(), "config": config.to_dict()}, best_path)
+
+    if ctx.is_main:
+        reporter(make_event(stage, start_step, config.total_steps, kind="message",
+                            message=(f"resuming at step {start_step}" if resume else "starting") +
+                            f" on {describe_device(device)}" +
+                            (f", {ctx.world_size} processes" if ctx.world_size > 1 else "")))
+    per_rank = config.batch_size // ctx.world_size
+    if per_rank * ctx.world_size != config.batch_size:
+        raise Med3DError(f"batch_size {config.batch_size} is not divisible by the {ctx.world_size} processes")
+    micro = config.micro_batch or per_rank
+    if per_rank % micro:
+        raise Med3DError(f"each process holds {per_rank} samples per step, not a multiple of micro_batch {micro}")
+    parts = per_rank // micro
+
+    for step in range(start_step + 1, config.total_steps + 1):
+        batch = next_batch(step)
+        n = _batch_len(batch)
+        if n is not None and n != per_rank:
+            raise Med3DError(f"next_batch gave {n} samples at step {step}, expected {per_rank} per process")
+        optimizer.zero_grad(set_to_none=True)  # None grads: Adam leaves those parameters untouched
+        total_loss, metrics_sum, text = 0.0, {}, {}
+        for piece in split_batch(batch, parts):
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                loss, metrics = compute_loss(model, piece)
+            value = float(loss.detach())
+            total_loss += value / parts
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / parts
+                else:
+                    text[k] = v
+            scaler.scale(loss / parts).backward()  # even when non-finite: ranks must reduce the same grads
+        if ctx.world_size > 1:
+            total_loss = _average_grads_and_loss(model, total_loss, ctx.world_size)
+        if not math.isfinite(total_loss):
+            raise _nan_error(step, total_loss, text, last_path, last_saved_step)
+        if config.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in opt_groups for p in g["params"] if p.grad is not None],
+                                           config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        record = {"step": step, "loss": total_loss, **text, **metrics_sum}
+        history.append(record)
+        if ctx.is_main and (step % config.log_every == 0 or step == config.total_steps):
+            reporter(make_event(stage, step, config.total_steps,
+                                    metrics={"loss": total_loss, **text, **metrics_sum,
+                                             "lr": optimizer.param_groups[-1]["lr"]}))
+        if config.validate_every and step % config.validate_every == 0:
+            run_validation(step)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step != config.total_steps:
+            save_last(step)
+
+    final_step = config.total_steps
+    if validate is not None and (not config.validate_every or final_step % config.validate_every):
+        run_validation(final_step)
+    if start_step < final_step or not last_path.exists():
+        save_last(final_step)
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return TrainResult(out_dir=out, last_path=last_path, best_path=best_path if best else None,
+                       step=final_step, history=history, best=best)
+
+
+def _broadcast_model(model: nn.Module) -> None:
+    """Make every rank start from rank 0's weights and buffers."""
+    import torch.distributed as dist
+    for tensor in list(model.state_dict().values()):
+        dist.broadcast(tensor, src=0)
+
+
+def _average_grads_and_loss(model: nn.Module, loss: float, world_size: int) -> float:
+    """Average the gradients that exist (the same parameters on every rank) and the loss over all ranks."""
+    import torch.distributed as dist
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    device = grads[0].device if grads else next(model.parameters()).device
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss], dtype=torch.float32, device=device)])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return float(flat[-1])
+
+
+def ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice loss for segmentation logits (N, C, K, J, I) and labels (N, K, J, I).
+
+    Dice is computed per sample and per foreground class (smoothed, so a class absent from both prediction and
+    truth counts as a match) and averaged; both terms are means over samples, so splitting a batch into equal
+    micro-batches and averaging gives the same loss.
+    """
+    logits = logits.float()
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    if logits.shape[1] < 2:
+        return ce
+    probs = torch.softmax(logits, dim=1)[:, 1:]
+    onehot = torch.nn.functional.one_hot(labels, logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
+    dims = (2, 3, 4)
+    smooth = 1.0
+    dice = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
+    return ce + (1.0 - dice.mean())

@@ -1,0 +1,546 @@
+"""A 3D image with its physical geometry, file reading and writing, and exact reorientation.
+
+Conventions (see DESIGN.md): ``array`` is (K, J, I) = (slice, row, column), as SimpleITK's ``GetArrayFromImage``
+gives it; ``spacing`` and ``origin`` are in (I, J, K) order, ITK's LPS world (mm); ``direction[:, c]`` is the LPS
+direction of image axis c. Files: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and DICOM
+series folders, all through SimpleITK.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import Med3DError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Suffix -> format name; a folder is read as a DICOM series.
+FILE_FORMATS = {
+    ".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage",
+}
+# Formats whose voxels live in a separate file next to the header: written in place, not via a temporary file.
+_DETACHED_SUFFIXES = (".nhdr", ".mhd")
+_SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+
+# Integer dtypes Slicer accepts (updateVolumeFromArray rejects int64), smallest first.
+_LABEL_DTYPES = (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32)
+
+
+def _vector3(value, name: str) -> Tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise Med3DError(f"volume {name} must be three numbers (I, J, K), got {value!r}") from None
+    if len(out) != 3 or not all(np.isfinite(out)):
+        raise Med3DError(f"volume {name} must be three finite numbers (I, J, K), got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+@dataclass(eq=False)  # compare grids with same_as(atol): == on arrays is ambiguous
+class Geometry:
+    """The voxel grid of a volume without its voxels: shape (K, J, I), spacing, origin, direction (LPS)."""
+
+    shape: Tuple[int, int, int]
+    spacing: Tuple[float, float, float]
+    origin: Tuple[float, float, float]
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)  # type: ignore[assignment]
+        if len(self.shape) != 3:
+            raise Med3DError(f"a volume grid needs three sizes (K, J, I), got {self.shape}")
+        self.spacing = _vector3(self.spacing, "spacing")
+        if min(self.spacing) <= 0:
+            raise Med3DError(f"volume spacing must be positive, got {self.spacing}; fix the file's header")
+        self.origin = _vector3(self.origin, "origin")
+        direction = np.array(self.direction, dtype=np.float64)
+        if direction.shape != (3, 3):
+            raise Med3DError(f"volume direction must be a 3x3 matrix, got shape {direction.shape}")
+        if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+            raise Med3DError("volume direction matrix is singular or not finite; fix the file's header")
+        self.direction = direction
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix taking a homogeneous voxel index (I, J, K, 1) to LPS mm."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = self.direction * np.asarray(self.spacing)[None, :]
+        matrix[:3, 3] = self.origin
+        return matrix
+
+    def lps_to_ijk(self, points) -> np.ndarray:
+        """Continuous voxel indices (I, J, K) of LPS points, shape (N, 3) or (3,)."""
+        pts = np.asarray(points, dtype=np.float64)
+        scaled = self.direction * np.asarray(self.spacing)[None, :]
+        return np.linalg.solve(scaled, (pts - np.asarray(self.origin)).T).T
+
+    def same_as(self, other: "Geometry", atol: float = 1e-4) -> bool:
+        """True when both grids have the same shape and, within ``atol`` (mm, or unitless for directions), the
+        same spacing, origin and direction."""
+        return (tuple(self.shape) == tuple(other.shape)
+                and np.allclose(self.spacing, other.spacing, rtol=0, atol=atol)
+                and np.allclose(self.origin, other.origin, rtol=0, atol=atol)
+                and np.allclose(self.direction, other.direction, rtol=0, atol=atol))
+
+    def describe(self) -> str:
+        """A short human-readable line, for error messages."""
+        size = "x".join(str(s) for s in self.shape[::-1])
+        spacing = "x".join(f"{s:.4g}" for s in self.spacing)
+        origin = ", ".join(f"{o:.4g}" for o in self.origin)
+        return f"size {size} (I x J x K), spacing {spacing} mm, origin ({origin})"
+
+
+@dataclass(eq=False)  # compare with same_geometry() and np.array_equal()
+class Volume:
+    """A 3D image: ``array`` (K, J, I) plus its LPS geometry; spacing/origin are (I, J, K)."""
+
+    array: np.ndarray
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.array.ndim != 3:
+            raise Med3DError(
+                f"Med3D works on 3D volumes, got a {self.array.ndim}D array of shape {self.array.shape}; "
+                "give a single 3D image (split 4D series into 3D volumes, stack 2D slices into a series)")
+        geometry = Geometry(self.array.shape, self.spacing, self.origin, self.direction)  # validates
+        self.spacing, self.origin, self.direction = geometry.spacing, geometry.origin, geometry.direction
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """Array shape (K, J, I)."""
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def geometry(self) -> Geometry:
+        """The voxel grid (shape, spacing, origin, direction)."""
+        return Geometry(self.array.shape, self.spacing, self.origin, self.direction)
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix taking a homogeneous voxel index (I, J, K, 1) to LPS mm."""
+        return self.geometry.ijk_to_lps()
+
+    def lps_to_ijk(self, points) -> np.ndarray:
+        """Continuous voxel indices (I, J, K) of LPS points, shape (N, 3) or (3,)."""
+        return self.geometry.lps_to_ijk(points)
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """A volume with the same geometry and new voxels of the same shape."""
+        array = np.asarray(array)
+        if array.shape != self.array.shape:
+            raise Med3DError(f"new voxel array has shape {array.shape}, the volume has {self.array.shape}")
+        return Volume(array, self.spacing, self.origin, self.direction.copy())
+
+    def same_geometry(self, other: Union["Volume", Geometry], atol: float = 1e-4) -> bool:
+        """True when ``other`` lies on the same voxel grid (see :meth:`Geometry.same_as`)."""
+        other_geometry = other.geometry if isinstance(other, Volume) else other
+        return self.geometry.same_as(other_geometry, atol)
+
+    def to_sitk(self) -> sitk.Image:
+        """A SimpleITK image with the same voxels and geometry (bool becomes uint8, float16 float32)."""
+        array = self.array
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8)
+        elif array.dtype == np.float16:
+            array = array.astype(np.float32)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(tuple(self.direction.ravel()))  # row-major, column c = axis c
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Volume":
+        """A volume from a 3D scalar SimpleITK image (voxels copied)."""
+        _check_scalar_3d(image, "image")
+        return cls(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
+                   np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3))
+
+
+def _check_scalar_3d(image: sitk.Image, what: str) -> None:
+    dim = image.GetDimension()
+    size = "x".join(str(s) for s in image.GetSize())
+    if dim == 2:
+        raise Med3DError(f"{what} is a 2D image (size {size}); Med3D needs a 3D volume "
+                         "(a NIfTI/NRRD/MHA volume or a DICOM series folder)")
+    if dim != 3:
+        raise Med3DError(f"{what} is a {dim}D image (size {size}), e.g. a time series; "
+                         "extract one 3D volume first")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise Med3DError(f"{what} has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or "
+                         "vector image); Med3D needs a scalar (grey-value) 3D volume")
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in FILE_FORMATS:
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _dicom_description(filename: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(filename)
+    try:
+        reader.ReadImageInformation()
+        if reader.HasMetaDataKey("0008|103e"):
+            return reader.GetMetaData("0008|103e").strip()
+    except RuntimeError:
+        pass
+    return ""
+
+
+def _series_ids(folder: Path) -> Tuple[str, ...]:
+    # ITK prints a warning to the console when a folder holds no series; an empty answer says it already.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return ()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def list_dicom_series(folder: PathLike) -> List[Tuple[str, str, int]]:
+    """The DICOM series in a folder as ``(series_uid, description, number_of_files)``; empty when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise Med3DError(f"'{folder}' is not a folder; give the folder that holds the DICOM files")
+    series = []
+    for uid in _series_ids(folder):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        series.append((uid, _dicom_description(files[0]) if files else "", len(files)))
+    return series
+
+
+def _read_dicom_folder(folder: Path, series_uid: Optional[str]) -> sitk.Image:
+    if not any(folder.iterdir()):
+        raise Med3DError(f"folder '{folder}' is empty; give a folder holding one DICOM series, or a volume file")
+    series = list_dicom_series(folder)
+    if not series:
+        raise Med3DError(f"no DICOM series found in folder '{folder}' (subfolders are not searched); give the "
+                         f"folder that directly holds the DICOM files, or a volume file: {_SUPPORTED}")
+    if series_uid is None:
+        if len(series) > 1:
+            listing = "; ".join(f"{uid or '(no uid)'} '{desc}' ({n} files)" for uid, desc, n in series)
+            raise Med3DError(f"folder '{folder}' holds {len(series)} DICOM series; choose one with series_uid "
+                             f"(--series-uid): {listing}")
+        series_uid = series[0][0]
+    elif series_uid not in [uid for uid, _, _ in series]:
+        known = ", ".join(uid or "(no uid)" for uid, _, _ in series)
+        raise Med3DError(f"DICOM series '{series_uid}' is not in folder '{folder}'; series there: {known}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    reader.MetaDataDictionaryArrayUpdateOn()  # slice positions, to check the spacing below
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # uneven slices are reported as an error below
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise Med3DError(f"cannot read DICOM series in '{folder}': {_first_line(exc)}") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    _check_even_slices(reader, image, folder)
+    return image
+
+
+def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path) -> None:
+    """ITK stacks unevenly spaced slices (gaps, variable thickness) with one average spacing, which puts
+    anatomy in the wrong place; refuse such a series."""
+    positions = []
+    for index in range(len(reader.GetFileNames())):
+        if not reader.HasMetaDataKey(index, "0020|0032"):
+            return  # no positions (e.g. a secondary capture): nothing to check against
+        try:
+            positions.append([float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")])
+        except ValueError:
+            return
+    if len(positions) < 3:
+        return
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    steps = np.diff(np.sort(np.asarray(positions) @ normal))
+    spacing = image.GetSpacing()[2]
+    if np.max(np.abs(steps - spacing)) > 0.05 * spacing + 1e-3:
+        raise Med3DError(f"DICOM series in '{folder}' has unevenly spaced slices (gaps between {steps.min():.3g} and "
+                         f"{steps.max():.3g} mm): missing files or variable slice thickness; add the missing files "
+                         "or resample the series in a DICOM tool first")
+
+
+def _first_line(exc: Exception) -> str:
+    # ITK messages span several lines with source locations and object addresses; keep the description.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Exception thrown in", "Reason:"))]
+    text = lines[-1] if lines else type(exc).__name__
+    return re.sub(r"^(sitk::ERROR:|ITK ERROR:)\s*(\w+\(0x[0-9a-fA-F]+\):)?\s*", "", text)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated NIfTI without complaint (missing voxels come back as garbage): compare the data the
+    header promises with what the file holds, decompressing .nii.gz as a stream."""
+    try:
+        image = nib.load(str(path))
+        # dataobj.offset is where the voxels start (a zero vox_offset in the header means "right after it").
+        needed = int(image.dataobj.offset) + int(np.prod(image.header.get_data_shape())) * \
+            image.header.get_data_dtype().itemsize
+    except Exception as exc:  # nibabel raises several types for damaged headers
+        raise Med3DError(f"cannot read '{path}' as NIfTI: the file is damaged, truncated or not a NIfTI image "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if path.name.lower().endswith(".gz"):
+        available, inflater, pending = 0, zlib.decompressobj(wbits=31), b""
+        with open(path, "rb") as stream:
+            while not inflater.eof:
+                pending = pending or stream.read(1 << 20)
+                if not pending:
+                    break
+                try:  # at most 16 MiB out at a time: a label map can compress a thousandfold
+                    available += len(inflater.decompress(pending, 1 << 24))
+                except zlib.error:
+                    break
+                pending = inflater.unconsumed_tail
+        complete = inflater.eof
+    else:
+        available, complete = path.stat().st_size, True
+    if not complete or available < needed:
+        raise Med3DError(f"'{path}' is truncated or damaged (the NIfTI header promises {needed} bytes, the file "
+                         f"holds {available}{'' if complete else ' and its compressed stream ends early'}); "
+                         "copy or export the file again")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    # DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name.
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_volume(path: PathLike, series_uid: Optional[str] = None) -> Volume:
+    """Read a 3D scalar volume from a NIfTI/NRRD/MetaImage file or a DICOM series folder.
+
+    A folder with several DICOM series is an error that lists them, unless ``series_uid`` picks one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise Med3DError(f"'{path}' does not exist; check the path")
+    if path.is_dir():
+        image = _read_dicom_folder(path, series_uid)
+    else:
+        suffix = _suffix(path)
+        if _is_dicom_file(path):
+            raise Med3DError(f"'{path.name}' is one DICOM file; give the folder that holds its series "
+                             f"('{path.parent}')")
+        if suffix not in FILE_FORMATS:
+            raise Med3DError(f"cannot read '{path.name}': '{suffix or 'no extension'}' is not a volume format; "
+                             f"give {_SUPPORTED}")
+        if FILE_FORMATS[suffix] == "NIfTI":
+            _check_nifti_complete(path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise Med3DError(f"cannot read '{path}' as {FILE_FORMATS[suffix]}: the file is damaged, truncated or "
+                             f"not a {FILE_FORMATS[suffix]} image ({_first_line(exc)})") from None
+        if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+            image = image[:, :, :, 0]  # a 4D header around one 3D volume
+    _check_scalar_3d(image, f"'{path}'")
+    if min(image.GetSize()) < 2:
+        raise Med3DError(f"'{path}' is a single slice (size {'x'.join(map(str, image.GetSize()))}); "
+                         "Med3D needs a 3D volume with at least two voxels along every axis")
+    volume = Volume.from_sitk(image)
+    # NRRD readers normalise "space directions" vectors, leaving 1e-16 noise on axis-aligned directions;
+    # snap it so an axis-aligned grid survives any number of round trips exactly.
+    snapped = np.round(volume.direction)
+    noise = np.abs(volume.direction - snapped) < 1e-12
+    volume.direction[noise] = snapped[noise]
+    return volume
+
+
+def write_volume(volume: Volume, path: PathLike, overwrite: bool = False, compress: bool = True) -> Path:
+    """Write ``volume`` (voxels, dtype and geometry) to a NIfTI/NRRD/MetaImage file; returns the path.
+
+    An existing file is replaced only with ``overwrite=True``; single-file formats are written to a temporary
+    file first and renamed, so a failure never leaves a half-written file in place of a good one.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in FILE_FORMATS:
+        raise Med3DError(f"cannot write '{path.name}': choose a file name ending in "
+                         f"{', '.join(FILE_FORMATS)}")
+    if not path.parent.is_dir():
+        raise Med3DError(f"cannot write '{path}': folder '{path.parent}' does not exist; create it first")
+    if path.is_dir():
+        raise Med3DError(f"cannot write '{path}': it is a folder")
+    if path.exists() and not overwrite:
+        raise Med3DError(f"'{path}' already exists; choose another name or allow overwriting (--overwrite)")
+    image = volume.to_sitk()
+    if suffix in _DETACHED_SUFFIXES:
+        _write(image, path, compress)
+        return path
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
+    os.close(handle)
+    try:
+        _write(image, Path(tmp_name), compress)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+    return path
+
+
+def _write(image: sitk.Image, path: Path, compress: bool) -> None:
+    try:
+        sitk.WriteImage(image, str(path), compress)
+    except RuntimeError as exc:
+        raise Med3DError(f"cannot write '{path}': {_first_line(exc)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------- label maps
+
+def smallest_label_dtype(array: np.ndarray) -> np.dtype:
+    """The smallest integer dtype (uint8 ... int32, never int64, which Slicer rejects) that holds the values."""
+    if array.size == 0:
+        return np.dtype(np.uint8)
+    low, high = int(array.min()), int(array.max())
+    for dtype in _LABEL_DTYPES:
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return np.dtype(dtype)
+    raise Med3DError(f"label values {low}..{high} do not fit in 32-bit integers; this is not a label map")
+
+
+def as_label_map(volume: Volume) -> Volume:
+    """The volume with integer labels in the smallest fitting dtype; float masks (e.g. float64 0/1) are accepted
+    when every value is a whole non-negative number."""
+    array = volume.array
+    if array.dtype == np.bool_:
+        return volume.with_array(array.astype(np.uint8))
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise Med3DError("label map contains NaN or infinite values; give a mask of whole numbers (0, 1, ...)")
+        if not np.array_equal(array, np.round(array)):
+            raise Med3DError("label map has fractional values (e.g. probabilities or an image); give a mask of "
+                             "whole numbers (0, 1, ...), or threshold it first")
+    elif array.dtype.kind not in "iu":
+        raise Med3DError(f"label map has voxel type {array.dtype}; give a mask of whole numbers (0, 1, ...)")
+    if array.size and array.min() < 0:
+        raise Med3DError(f"label map has negative values (minimum {array.min()}); this looks like an image, "
+                         "not a mask of labels 0, 1, ...")
+    dtype = smallest_label_dtype(array)
+    return volume if array.dtype == dtype else volume.with_array(array.astype(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------- orientation
+
+@dataclass
+class Orientation:
+    """How :func:`to_canonical` rearranged a volume, and the original grid to restore exactly.
+
+    ``axes[w]`` is the original image axis (0=I, 1=J, 2=K) that became canonical axis ``w``; ``flips[w]`` says
+    whether it was reversed. ``original`` is the input's grid, restored bit-for-bit by :func:`from_canonical`.
+    """
+
+    axes: Tuple[int, int, int]
+    flips: Tuple[bool, bool, bool]
+    original: Geometry
+
+    @property
+    def is_identity(self) -> bool:
+        return tuple(self.axes) == (0, 1, 2) and not any(self.flips)
+
+    @property
+    def canonical_shape(self) -> Tuple[int, int, int]:
+        """Array shape (K, J, I) after reorientation."""
+        ijk = self.original.shape[::-1]
+        return tuple(ijk[a] for a in self.axes)[::-1]  # type: ignore[return-value]
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        """Reorient the last three (K, J, I) axes of ``array`` from the original to the canonical layout."""
+        if self.is_identity:
+            return array
+        lead = array.ndim - 3
+        # Canonical array axis (2 - w) holds original image axis axes[w], i.e. original array axis 2 - axes[w].
+        order = list(range(lead)) + [lead + 2 - self.axes[2 - p] for p in range(3)]
+        out = np.transpose(array, order)
+        flip_axes = tuple(lead + 2 - w for w in range(3) if self.flips[w])
+        if flip_axes:
+            out = np.flip(out, flip_axes)
+        return np.ascontiguousarray(out)
+
+    def inverse(self, array: np.ndarray) -> np.ndarray:
+        """Undo :meth:`forward` on the last three axes of ``array``."""
+        if self.is_identity:
+            return array
+        lead = array.ndim - 3
+        flip_axes = tuple(lead + 2 - w for w in range(3) if self.flips[w])
+        out = np.flip(array, flip_axes) if flip_axes else array
+        order = list(range(lead)) + [lead + 2 - self.axes[2 - p] for p in range(3)]
+        return np.ascontiguousarray(np.transpose(out, np.argsort(order)))
+
+    def canonical_geometry(self) -> Geometry:
+        """The grid of the reoriented volume (same voxel centres in world space, new index order)."""
+        g = self.original
+        size_ijk = g.shape[::-1]
+        corner = [0.0, 0.0, 0.0]  # original index of the canonical voxel (0, 0, 0)
+        direction = np.empty((3, 3))
+        for w, (axis, flip) in enumerate(zip(self.axes, self.flips)):
+            corner[axis] = float(size_ijk[axis] - 1) if flip else 0.0
+            direction[:, w] = -g.direction[:, axis] if flip else g.direction[:, axis]
+        origin = g.ijk_to_lps() @ np.array(corner + [1.0])
+        spacing = tuple(g.spacing[a] for a in self.axes)
+        return Geometry(self.canonical_shape, spacing, tuple(origin[:3]), direction)
+
+
+def orientation_of(geometry: Union[Volume, Geometry]) -> Orientation:
+    """The axis permutation and flips that bring a grid closest to the LPS identity direction."""
+    g = geometry.geometry if isinstance(geometry, Volume) else geometry
+    best_axes, best_score = (0, 1, 2), -1.0
+    # Six permutations: pick the one whose axes line up best with L, P, S (robust for oblique scans).
+    for perm in itertools.permutations(range(3)):
+        score = sum(abs(g.direction[w, perm[w]]) for w in range(3))
+        if score > best_score + 1e-9:
+            best_axes, best_score = perm, score
+    flips = tuple(bool(g.direction[w, best_axes[w]] < 0) for w in range(3))
+    return Orientation(tuple(best_axes), flips, g)  # type: ignore[arg-type]
+
+
+def to_canonical(volume: Volume) -> Tuple[Volume, Orientation]:
+    """Permute and flip axes (no interpolation) so the direction is closest to identity (LPS).
+
+    The voxels keep their world positions; :func:`from_canonical` undoes it exactly.
+    """
+    orientation = orientation_of(volume)
+    if orientation.is_identity:
+        return volume, orientation
+    g = orientation.canonical_geometry()
+    return Volume(orientation.forward(volume.array), g.spacing, g.origin, g.direction), orientation
+
+
+def from_canonical(array_or_volume: Union[np.ndarray, Volume], orientation: Orientation) -> Volume:
+    """Bring a canonical-layout array (or volume) back to the original grid, geometry restored bit-for-bit."""
+    array = array_or_volume.array if isinstance(array_or_volume, Volume) else np.asarray(array_or_volume)
+    expected = orientation.canonical_shape
+    if array.shape != tuple(expected):
+        raise Med3DError(f"array of shape {array.shape} does not match the reoriented volume's shape {expected}")
+    g = orientation.original
+    return Volume(orientation.inverse(array), g.spacing, g.origin, g.direction.copy())
+
+
+def canonical_spacing(volume: Union[Volume, Geometry]) -> Tuple[float, float, float]:
+    """The spacing (I, J, K) the volume has after :func:`to_canonical` (no voxels touched)."""
+    orientation = orientation_of(volume)
+    return tuple(orientation.original.spacing[a] for a in orientation.axes)  # type: ignore[return-value]

@@ -1,0 +1,158 @@
+"""Nodule inputs: geometry (scale, centre, orientation independence), real LIDC crops of mixed spacing and
+orientation, a whole chest CT with an ROI or a mask, the classification table, and clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from med3dcore.errors import Med3DError
+from med3dcore.nodules import (NoduleInputSpec, label_from_row, parse_roi, prepare_nodule, read_nodule_table,
+                               scan_box)
+from med3dcore.volume import Volume, read_volume
+
+SPEC = NoduleInputSpec(cube=32, spacing_mm=1.0, window=(-1000.0, 400.0), context_mm=8.0)
+
+
+def _sphere_volume(direction: np.ndarray) -> Volume:
+    """A 10 mm sphere at 0 HU in air (-1000 HU), centred at LPS (12, -30, 40), on an anisotropic grid."""
+    shape_kji = (20, 60, 64)
+    spacing = np.array([0.7, 0.8, 2.5])
+    origin = np.array([12.0, -30.0, 40.0]) - direction @ (spacing * (np.array(shape_kji[::-1]) - 1) / 2)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape_kji], indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], 1).astype(float)
+    world = origin + (ijk * spacing) @ direction.T
+    inside = np.linalg.norm(world - [12.0, -30.0, 40.0], axis=1) <= 5.0
+    array = np.where(inside, 0, -1000).reshape(shape_kji).astype(np.int16)
+    return Volume(array, tuple(spacing), tuple(origin), direction)
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, -1.0, 1.0]),
+                                       np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, -1]])])
+def test_sphere_comes_out_centred_isotropic_and_to_scale(direction):
+    cube = prepare_nodule(_sphere_volume(direction), center_lps=(12.0, -30.0, 40.0), size_mm=(40, 40, 40),
+                          params=SPEC)
+    assert cube.shape == (1, 32, 32, 32) and cube.dtype == np.float32
+    solid = cube[0] > (-500 - (-300)) / 700.0  # above -500 HU
+    # 10 mm sphere at 1 mm voxels: about 4/3 pi 5^3 = 524 voxels (slice thickness 2.5 mm blurs z a little)
+    assert 400 < solid.sum() < 650
+    centroid = np.argwhere(solid).mean(axis=0)
+    assert np.allclose(centroid, 15.5, atol=0.6)
+    extent = np.ptp(np.argwhere(solid), axis=0) + 1
+    assert np.all(np.abs(extent - 10) <= 2), extent
+    # 0 HU maps to (0 - (-300)) / 700
+    assert cube[0, 15, 15, 15] == pytest.approx(300 / 700, abs=1e-3)
+
+
+def test_flipped_or_transposed_file_gives_the_same_cube(data_dir):
+    vol = read_volume(data_dir / "nodules/image/LIDC-IDRI-0001_R_1.nii.gz")
+    mask = read_volume(data_dir / "nodules/mask/LIDC-IDRI-0001_R_1.nii.gz")
+    reference = prepare_nodule(vol, mask=mask, params=SPEC)
+
+    def flip_i_swap_jk(v: Volume) -> Volume:
+        # flip the I axis and swap J and K on disk while keeping every voxel at the same place in the world
+        nI = v.array.shape[2]
+        array = np.swapaxes(v.array[:, :, ::-1], 0, 1)
+        direction = v.direction.copy()
+        origin = np.asarray(v.origin) + direction[:, 0] * v.spacing[0] * (nI - 1)
+        direction[:, 0] *= -1
+        direction = direction[:, [0, 2, 1]]
+        spacing = (v.spacing[0], v.spacing[2], v.spacing[1])
+        return Volume(np.ascontiguousarray(array), spacing, tuple(origin), direction)
+
+    moved = prepare_nodule(flip_i_swap_jk(vol), mask=flip_i_swap_jk(mask), params=SPEC)
+    assert np.allclose(moved, reference, atol=1e-4)
+
+
+def test_real_crops_of_mixed_spacing_centre_on_the_nodule(data_dir):
+    cases = read_nodule_table(str(data_dir / "nodules/labels.csv"))
+    picked = [c for c in cases if c.mask][:: 40][:12]
+    centre_values, corner_values, spacings = [], [], set()
+    for case in picked:
+        vol = read_volume(case.image)
+        spacings.add(round(vol.spacing[2], 2))
+        cube = prepare_nodule(vol, mask=read_volume(case.mask), params=SPEC)[0]
+        assert cube.shape == (32, 32, 32)
+        assert cube.min() >= -1.0 and cube.max() <= 1.0
+        centre_values.append(cube[14:18, 14:18, 14:18].mean())
+        corner_values.append(cube[:4, :4, :4].mean())
+    assert len(spacings) >= 2  # the sample really mixes slice spacings
+    # nodules are soft tissue in air-filled lung: the centre is denser than the far corner, which for all but
+    # large nodules lies outside the visible box (mask box + 8 mm) and reads as air (-1)
+    assert np.median(centre_values) > np.median(corner_values) + 0.3
+    assert sum(bool(np.isclose(v, -1.0)) for v in corner_values) >= len(corner_values) // 2
+
+
+def test_whole_chest_ct_with_roi_or_mask(data_dir):
+    ct = read_volume(data_dir / "ct/chest_ct.nrrd")
+    lesion = read_volume(data_dir / "ct/chest_ct_lesion.nrrd")
+    kji = np.argwhere(lesion.array > 0)
+    centre = ct.ijk_to_lps()[:3, :3] @ kji[:, ::-1].mean(axis=0) + ct.ijk_to_lps()[:3, 3]
+    from_mask = prepare_nodule(ct, mask=lesion, params=SPEC)
+    from_roi = prepare_nodule(ct, center_lps=centre, size_mm=(30, 30, 30), params=SPEC)
+    assert from_roi.shape == from_mask.shape == (1, 32, 32, 32)
+    # Same centre, same grid: where both show the scan they agree exactly.
+    both = (from_roi > -1) & (from_mask > -1)
+    assert both.sum() > 1000
+    assert np.allclose(from_roi[both], from_mask[both], atol=1e-5)
+    # The ROI box (30 mm) hides the outer voxels of the 32 mm cube.
+    assert np.all(from_roi[0, 0] == -1.0) and np.all(from_roi[0, :, :, 0] == -1.0)
+    # the lesion is denser than the lung around it
+    assert from_mask[0, 14:18, 14:18, 14:18].mean() > from_mask[0].mean()
+
+
+def test_roi_outside_the_scan_is_a_clear_error(data_dir):
+    ct = read_volume(data_dir / "ct/chest_ct.nrrd")
+    low, high = scan_box(ct)
+    outside = (high[0] + 50.0, (low[1] + high[1]) / 2, (low[2] + high[2]) / 2)
+    with pytest.raises(Med3DError, match="outside the scan.*LPS"):
+        prepare_nodule(ct, center_lps=outside, size_mm=(20, 20, 20), params=SPEC)
+
+
+def test_bad_masks_and_rois_are_clear_errors():
+    vol = _sphere_volume(np.eye(3))
+    with pytest.raises(Med3DError, match="no voxels"):
+        prepare_nodule(vol, mask=vol.with_array(np.zeros(vol.shape, np.uint8)))
+    shifted = Volume(np.ones(vol.shape, np.uint8), vol.spacing, tuple(np.add(vol.origin, 5.0)), vol.direction)
+    with pytest.raises(Med3DError, match="geometry differs.*resample the mask"):
+        prepare_nodule(vol, mask=shifted)
+    with pytest.raises(Med3DError, match="either a mask or an ROI"):
+        prepare_nodule(vol, mask=vol.with_array(np.ones(vol.shape, np.uint8)), center_lps=(12, -30, 40))
+    with pytest.raises(Med3DError, match="size must be three positive"):
+        prepare_nodule(vol, center_lps=(12, -30, 40), size_mm=(0, 10, 10))
+    with pytest.raises(Med3DError, match="CX,CY,CZ,SX,SY,SZ"):
+        parse_roi("1,2,3")
+    assert parse_roi("1, 2,3,4,5,6") == (1, 2, 3, 4, 5, 6)
+
+
+def test_spec_round_trip_and_validation():
+    spec = NoduleInputSpec(cube=24, spacing_mm=1.25)
+    assert NoduleInputSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(Med3DError, match="unknown nodule input"):
+        NoduleInputSpec.from_dict({"cubes": 3})
+    with pytest.raises(Med3DError, match="cube must be"):
+        NoduleInputSpec.from_dict({"cube": 4})
+
+
+def test_real_label_table(data_dir):
+    cases = read_nodule_table(str(data_dir / "nodules/labels.csv"))
+    assert len(cases) == 823
+    assert sum(c.label for c in cases) == 207
+    assert len({c.patient for c in cases}) == 445
+    assert all(c.mask for c in cases)
+
+
+def test_malignancy_ratings_merge_as_in_the_paper():
+    assert [label_from_row({"malignancy": str(r)}, 2) for r in range(1, 6)] == [0, 0, 0, 1, 1]
+    assert label_from_row({"label": "Malignant"}, 2) == 1
+    with pytest.raises(Med3DError, match="line 7"):
+        label_from_row({"label": "maybe"}, 7)
+
+
+def test_table_errors(tmp_path):
+    bad = tmp_path / "t.csv"
+    bad.write_text("path,label\na.nii,1\n")
+    with pytest.raises(Med3DError, match="'image' column"):
+        read_nodule_table(str(bad))
+    bad.write_text("image,label\nmissing.nii.gz,benign\n")
+    with pytest.raises(Med3DError, match="line 2: image .* does not exist"):
+        read_nodule_table(str(bad))

@@ -1,0 +1,76 @@
+"""Overlay PNG: anatomical orientation, true proportions, storage-order independence, refusals."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from med3dcore.errors import Med3DError
+from med3dcore.overlay import render_overlay, write_overlay
+from med3dcore.phantoms import store_as
+from med3dcore.volume import Volume
+
+RED = (255, 0, 0)
+
+
+def _marked_scan():
+    """A 20 x 30 x 40 (K, J, I) LPS scan with 1 x 1 x 3 mm voxels (I, J, K) and a label box in the patient's
+    left-anterior-superior corner."""
+    image = np.zeros((20, 30, 40), dtype=np.int16)
+    labels = np.zeros_like(image, dtype=np.uint8)
+    labels[14:18, 2:8, 30:37] = 1  # superior (high K), anterior (low J), patient left (high I)
+    spacing = (1.0, 1.0, 3.0)      # (I, J, K) mm: the scan is 40 x 30 x 60 mm
+    return Volume(image, spacing), Volume(labels, spacing)
+
+
+def _red(picture):
+    return (picture[..., 0] > 80) & (picture[..., 1] < 60) & (picture[..., 2] < 60)
+
+
+def test_orientation_and_proportions():
+    image, labels = _marked_scan()
+    info = [{"value": 1, "name": "lesion", "color": list(RED)}]
+    pic = render_overlay(image, labels, info, window=(-1, 1), height=120, opacity=1.0)
+    # Tallest view 60 mm (superior-inferior) -> 120 px: 0.5 mm per pixel. Widths: axial 40 mm, coronal 40 mm,
+    # sagittal 30 mm -> 80 + 80 + 60 px plus two 4 px gaps.
+    assert pic.shape == (120, 80 + 4 + 80 + 4 + 60, 3)
+    red = _red(pic)
+    axial, coronal, sagittal = red[:, :80], red[:, 84:164], red[:, 168:]
+    # Axial (30 x 40 mm -> 60 x 80 px, centred vertically: rows 30..90): patient left on the right, anterior up.
+    rows, cols = np.nonzero(axial)
+    assert cols.min() >= 40 and rows.max() < 60
+    assert rows.min() >= 30 + 2 * 2 - 1 and cols.min() >= 2 * 30 - 1
+    # Coronal: patient left on the right, superior up.
+    rows, cols = np.nonzero(coronal)
+    assert cols.min() >= 40 and rows.max() < 60
+    # Sagittal: anterior on the left, superior up.
+    rows, cols = np.nonzero(sagittal)
+    assert cols.max() < 30 and rows.max() < 60
+    # Label extent in the coronal view: 4 slices x 3 mm = 12 mm = 24 px tall, 7 mm = 14 px wide.
+    rows, cols = np.nonzero(coronal)
+    assert rows.max() - rows.min() + 1 == 24 and cols.max() - cols.min() + 1 == 14
+
+
+@pytest.mark.parametrize("flip,permute", [((0,), None), ((1, 2), (2, 0, 1)), ((), (0, 2, 1))])
+def test_same_picture_whatever_the_storage_order(flip, permute):
+    image, labels = _marked_scan()
+    image = image.with_array(np.random.default_rng(0).normal(size=image.shape).astype(np.float32))
+    reference = render_overlay(image, labels, window=(-2, 2))
+    stored = render_overlay(store_as(image, flip, permute), store_as(labels, flip, permute), window=(-2, 2))
+    assert np.array_equal(reference, stored)
+
+
+def test_write_overlay_png_and_refusals(tmp_path):
+    image, labels = _marked_scan()
+    out = write_overlay(image, labels, tmp_path / "ov.png")
+    assert Image.open(out).size == (213 + 4 + 213 + 4 + 160, 320) and Image.open(out).mode == "RGB"
+    with pytest.raises(Med3DError, match="already exists"):
+        write_overlay(image, labels, out)
+    write_overlay(image, labels, out, overwrite=True)
+    with pytest.raises(Med3DError, match=r"\.png"):
+        write_overlay(image, labels, tmp_path / "ov.jpg")
+    with pytest.raises(Med3DError, match="does not exist"):
+        write_overlay(image, labels, tmp_path / "missing" / "ov.png")
+    shifted = Volume(labels.array, labels.spacing, (5.0, 0.0, 0.0))
+    with pytest.raises(Med3DError, match="geometry differs"):
+        render_overlay(image, shifted)

@@ -1,0 +1,81 @@
+"""`med3d segment`: files and DICOM folders in, label map in the input's exact geometry out, overlay, model
+lookup in the models folder, and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from med3dcore.cli import main
+from med3dcore.phantoms import make_ct_phantom
+from med3dcore.volume import read_volume, write_volume
+from test_infer import segmentation_bundle
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("seg")
+    image, _, _ = make_ct_phantom((20, 32, 28), (3.0, 2.5, 4.0), seed=2, flip=(2,))
+    scan = write_volume(image, folder / "scan.nrrd")
+    model = segmentation_bundle(folder / "lung.pt", bias=[0.0, 5.0])  # labels everything: geometry is visible
+    return folder, scan, model
+
+
+def test_segment_file_with_overlay(setup, capsys):
+    folder, scan, model = setup
+    out, png = folder / "labels.nii.gz", folder / "overlay.png"
+    code = main(["segment", str(scan), str(out), "--task", "lung", "--model", str(model), "--overlay", str(png),
+                 "--progress", "none", "--tile", "16,16,16", "--overlap", "0.2", "--batch-size", "2"])
+    assert code == 0
+    image, labels = read_volume(scan), read_volume(out)
+    assert labels.same_geometry(image, atol=1e-5) and labels.array.dtype == np.uint8
+    assert labels.array.min() == 1
+    stdout = capsys.readouterr().out
+    expected_ml = image.array.size * 3.0 * 2.5 * 4.0 / 1000.0
+    assert f"lung: {expected_ml:.1f} mL" in stdout
+    picture = Image.open(png)
+    assert picture.mode == "RGB" and picture.size[1] == 320
+
+
+def test_segment_jsonl_result_and_refusals(setup, capsys):
+    folder, scan, model = setup
+    out = folder / "labels2.nrrd"
+    args = ["segment", str(scan), str(out), "--model", str(model), "--progress", "jsonl", "--tile", "whole"]
+    assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    result = lines[-1]
+    assert result["kind"] == "result" and result["output"] == str(out) and result["warnings"] == []
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["segment", str(scan), str(folder / "x.png"), "--model", str(model)]) == 2
+    assert "end the name in" in capsys.readouterr().err
+    assert main(["segment", str(scan), str(folder / "y.nrrd"), "--model", str(model), "--tile", "4,4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("med3d segment: error: --tile must be") and err.count("\n") == 1
+
+
+def test_segment_finds_model_in_models_folder(setup, tmp_path, monkeypatch, capsys):
+    folder, scan, model = setup
+    monkeypatch.setenv("MED3D_MODELS", str(tmp_path))
+    args = ["segment", str(scan), str(tmp_path / "l.nrrd"), "--task", "lung", "--progress", "none"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no --model given and no 'lung' segmentation model in" in err and "med3d finetune --task lung" in err
+    (tmp_path / "lung.pt").symlink_to(model)
+    assert main(args) == 0
+    assert read_volume(tmp_path / "l.nrrd").array.min() == 1
+
+
+def test_segment_dicom_series_keeps_series_geometry(data_dir, tmp_path):
+    series = data_dir / "dicom" / "abdomen_ct_series"
+    model = segmentation_bundle(tmp_path / "lung.pt", bias=[0.0, 5.0])
+    out = tmp_path / "labels.nrrd"
+    assert main(["segment", str(series), str(out), "--model", str(model), "--progress", "none",
+                 "--no-clean-up"]) == 0
+    image, labels = read_volume(series), read_volume(out)
+    assert labels.shape == image.shape == (20, 512, 512)
+    assert labels.same_geometry(image, atol=1e-4) and labels.array.min() == 1

@@ -1,0 +1,243 @@
+"""The training loop on small models: schedules, exact resume, NaN stop, micro-batches, validation, config errors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from med3dcore.errors import Med3DError
+from med3dcore.train import (TrainConfig, ce_dice_loss, lr_factor, param_groups, seed_everything, split_batch,
+                             train)
+from med3dcore.weights import safe_load
+
+torch.set_num_threads(2)
+
+
+class TinyNet(nn.Module):
+    """A conv + BatchNorm + 'encoder'/'head' split, enough to exercise everything the loop does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU())
+        self.head = nn.Conv3d(4, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+class Batches:
+    """Deterministic stateful batch source (as a sampler is): its own generator, saved with the checkpoint."""
+
+    def __init__(self, n: int = 4, seed: int = 0) -> None:
+        self.n, self.rng = n, np.random.default_rng(seed)
+
+    def next_batch(self, step):
+        x = self.rng.normal(size=(self.n, 1, 6, 6, 6)).astype(np.float32)
+        y = (x[:, 0] > 0.3).astype(np.int64) + (x[:, 0] > 1.0)
+        return {"image": torch.from_numpy(x), "label": torch.from_numpy(y)}
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["rng"]
+
+
+def seg_loss(model, batch):
+    loss = ce_dice_loss(model(batch["image"]), batch["label"])
+    return loss, {"domain": "toy"}
+
+
+def _run(tmp, steps=6, resume=False, init_seed=0, **cfg):
+    seed_everything(init_seed)  # a resumed run's fresh weights and generators are replaced by the checkpoint's
+    model = TinyNet()
+    batches = Batches(seed=init_seed)
+    config = TrainConfig(steps=steps, batch_size=4, lr=0.01, device="cpu", **cfg)
+    result = train(model, config, batches.next_batch, seg_loss, tmp, stateful={"sampler": batches}, resume=resume)
+    return model, result
+
+
+def test_training_lowers_the_loss(tmp_path):
+    _, result = _run(tmp_path, steps=25, schedule="constant", checkpoint_every=0)
+    losses = [r["loss"] for r in result.history]
+    assert len(losses) == 25 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert result.last_path.is_file() and safe_load(result.last_path)["step"] == 25
+
+
+class CrashAt(Batches):
+    def __init__(self, crash_step, seed=0):
+        super().__init__(seed=seed)
+        self.crash_step = crash_step
+
+    def next_batch(self, step):
+        if step == self.crash_step:
+            raise KeyboardInterrupt("simulated crash")
+        return super().next_batch(step)
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, _ = _run(tmp_path / "full", steps=7, checkpoint_every=3)
+    # A run that crashes in step 5 (its last.pt is from step 3), then resumes with fresh objects.
+    seed_everything(0)
+    crashing = CrashAt(5)
+    config = TrainConfig(steps=7, batch_size=4, lr=0.01, device="cpu", checkpoint_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(TinyNet(), config, crashing.next_batch, seg_loss, tmp_path / "part", stateful={"sampler": crashing})
+    assert safe_load(tmp_path / "part" / "checkpoints" / "last.pt")["step"] == 3
+    resumed, result = _run(tmp_path / "part", steps=7, resume=True, checkpoint_every=3, init_seed=123)
+    assert [r["step"] for r in result.history] == list(range(1, 8))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_without_checkpoint_and_rerun_over_one_are_errors(tmp_path):
+    with pytest.raises(Med3DError, match="does not exist; start without --resume"):
+        _run(tmp_path, steps=2, resume=True)
+    _run(tmp_path, steps=2)
+    with pytest.raises(Med3DError, match="exists from an earlier run; pass --resume"):
+        _run(tmp_path, steps=2)
+    with pytest.raises(Med3DError, match="different batch_size"):
+        seed_everything(0)
+        train(TinyNet(), TrainConfig(steps=3, batch_size=2, device="cpu"), Batches(2).next_batch, seg_loss,
+              tmp_path, resume=True)
+
+
+class PoisonAfter(Batches):
+    def __init__(self, bad_step):
+        super().__init__()
+        self.bad_step = bad_step
+
+    def next_batch(self, step):
+        batch = super().next_batch(step)
+        if step >= self.bad_step:
+            batch["image"][:] = float("nan")
+        return batch
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    seed_everything(0)
+    model = TinyNet()
+    source = PoisonAfter(bad_step=5)
+    config = TrainConfig(steps=8, batch_size=4, lr=0.01, device="cpu", checkpoint_every=2)
+    with pytest.raises(Med3DError) as err:
+        train(model, config, source.next_batch, seg_loss, tmp_path, stateful={"sampler": source})
+    message = str(err.value)
+    assert "loss became nan at step 5 (domain 'toy')" in message
+    assert "last good checkpoint" in message and "(step 4) is kept" in message
+    ckpt = safe_load(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    # The kept checkpoint resumes (here with clean data) to the end.
+    seed_everything(0)
+    model2 = TinyNet()
+    clean = Batches()
+    result = train(model2, config, clean.next_batch, seg_loss, tmp_path, stateful={"sampler": clean}, resume=True)
+    assert result.history[-1]["step"] == 8 and math.isfinite(result.history[-1]["loss"])
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path):
+    seed_everything(0)
+    source = PoisonAfter(bad_step=1)
+    with pytest.raises(Med3DError, match="no checkpoint was written yet"):
+        train(TinyNet(), TrainConfig(steps=3, batch_size=4, device="cpu"), source.next_batch, seg_loss, tmp_path)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_micro_batches_equal_the_average_of_separate_halves(tmp_path):
+    """batch 4 in micro-batches of 2 = what two processes with 2 samples each compute (BatchNorm per half)."""
+    seed_everything(0)
+    model = TinyNet()
+    reference = TinyNet()
+    reference.load_state_dict(model.state_dict())
+    batch = Batches().next_batch(1)
+    config = TrainConfig(steps=1, batch_size=4, micro_batch=2, lr=0.01, device="cpu", schedule="constant")
+    train(model, config, lambda step: batch, seg_loss, tmp_path)
+    # By hand: gradients of each half, averaged, one Adam step.
+    grads = []
+    for half in split_batch(batch, 2):
+        reference.zero_grad()
+        seg_loss(reference, half)[0].backward()
+        grads.append([p.grad.clone() for p in reference.parameters()])
+    opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for p, g0, g1 in zip(reference.parameters(), *grads):
+        p.grad = (g0 + g1) / 2
+    opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    # Whereas the full batch of 4 through BatchNorm at once is a different computation.
+    full = TinyNet()
+    seed_everything(0)
+    full = TinyNet()
+    config_full = TrainConfig(steps=1, batch_size=4, lr=0.01, device="cpu", schedule="constant")
+    train(full, config_full, lambda step: batch, seg_loss, tmp_path / "full")
+    assert not torch.allclose(full.encoder[0].weight, model.encoder[0].weight, atol=1e-7)
+
+
+def test_param_groups_and_schedules():
+    model = TinyNet()
+    groups = param_groups(model, lr=0.01, pretrained_lr=0.001)
+    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [("pretrained", 0.001, 4), ("new", 0.01, 2)]
+    for p in model.encoder.parameters():
+        p.requires_grad = False
+    assert [g["name"] for g in param_groups(model, 0.01)] == ["new"]
+    poly = TrainConfig(steps=10, schedule="poly", poly_power=1.0, warmup_steps=2)
+    assert [round(lr_factor(s, poly), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    cosine = TrainConfig(steps=10, schedule="cosine")
+    assert lr_factor(0, cosine) == 1.0 and lr_factor(5, cosine) == pytest.approx(0.5) and lr_factor(10, cosine) == 0
+    assert TrainConfig(epochs=3, steps_per_epoch=4).total_steps == 12
+
+
+def test_learning_rates_follow_the_schedule_per_group(tmp_path):
+    seed_everything(0)
+    model = TinyNet()
+    seen = []
+    batches = Batches()
+    config = TrainConfig(steps=4, batch_size=4, lr=0.01, pretrained_lr=0.001, schedule="poly", poly_power=1.0,
+                         device="cpu", checkpoint_every=0)
+    train(model, config, batches.next_batch, seg_loss, tmp_path,
+          reporter=lambda e: seen.append(e["metrics"]["lr"]) if e.get("kind") == "progress" else None)
+    assert seen == pytest.approx([0.0075, 0.005, 0.0025, 0.0])  # lr after each update: 0.01 * (1 - s/4)
+    ckpt = safe_load(tmp_path / "checkpoints" / "last.pt")
+    assert [g["initial_lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.001, 0.01]
+
+
+def test_validation_keeps_the_best_checkpoint(tmp_path):
+    seed_everything(0)
+    model = TinyNet()
+    batches = Batches()
+    scores = iter([0.2, 0.9, 0.5])
+    config = TrainConfig(steps=6, batch_size=4, device="cpu", validate_every=2, best_metric="dice",
+                         checkpoint_every=0)
+    result = train(model, config, batches.next_batch, seg_loss, tmp_path,
+                   validate=lambda m: {"dice": next(scores)})
+    assert result.best["step"] == 4 and result.best["value"] == 0.9
+    assert safe_load(result.best_path)["step"] == 4
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"schedule": "step"}, "schedule 'step' unknown"),
+    ({"amp": "fp8"}, "amp 'fp8' unknown"),
+    ({"epochs": 2}, "epochs needs steps_per_epoch"),
+])
+def test_bad_training_settings_are_clear_errors(settings, message):
+    with pytest.raises(Med3DError, match=message):
+        TrainConfig(**settings)
+    with pytest.raises(Med3DError, match="unknown training setting"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+def test_batch_not_divisible_into_micro_batches(tmp_path):
+    with pytest.raises(Med3DError, match="not a multiple of micro_batch 3"):
+        train(TinyNet(), TrainConfig(steps=1, batch_size=4, micro_batch=3, device="cpu"), Batches().next_batch,
+              seg_loss, tmp_path)
+
+
+def test_ce_dice_loss_is_low_for_a_perfect_prediction():
+    labels = torch.randint(0, 3, (2, 4, 4, 4))
+    perfect = torch.nn.functional.one_hot(labels, 3).permute(0, 4, 1, 2, 3).float() * 40
+    assert float(ce_dice_loss(perfect, labels)) < 1e-3
+    assert float(ce_dice_loss(-perfect, labels)) > 2.0

@@ -1,0 +1,408 @@
+"""Med3D.py's logic against the Slicer double (Testing/Slicer/slicer_double.py) with the real engine: node <-> Volume,
+parent transforms, segments from label maps, world alignment of results on flipped/permuted/oblique nodes,
+nodule classification into a table, dependency installs, scene export for fine-tuning and the background run."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import vtk
+
+from Med3DLib import geometry, segments
+from med3dcore.errors import Med3DError
+from med3dcore.nets import build_model
+from med3dcore.phantoms import make_ct_phantom, store_as
+from med3dcore.preprocess import PreprocessSpec
+from med3dcore.volume import Volume, read_volume
+from med3dcore.weights import save_bundle
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[2]
+BACKBONE = {"depth": 10, "shortcut_type": "B", "preact": False}
+LUNG_LABELS = [{"value": 1, "name": "lung", "color": [197, 165, 145], "terminology": "SCT^39607008^Lung"}]
+
+
+def constant_output_bundle(path: Path, head: dict, bias: list, task: dict, labels: list, **kwargs) -> Path:
+    """A real ResNet-10 bundle whose last layer has zero weights and ``bias``: its output is known exactly."""
+    torch.manual_seed(0)
+    architecture = {"backbone": dict(BACKBONE), "head": head}
+    net = build_model(architecture)
+    last = [m for m in net.head.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear))][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor(bias))
+    return save_bundle(path, net, architecture=architecture, task=task, labels=labels,
+                       provenance={"data": "constant-output test bundle"}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    constant_output_bundle(folder / "lung-everywhere.pt",
+                           {"type": "lung_decoder", "num_classes": 2, "channels": [8, 8, 8]}, [-5.0, 5.0],
+                           {"type": "segmentation", "name": "lung"}, LUNG_LABELS,
+                           preprocessing=PreprocessSpec(spacing=(6.0, 6.0, 6.0), window=(-1000.0, 400.0),
+                                                        modality="CT"))
+    constant_output_bundle(folder / "nodule-3to1.pt", {"type": "classifier", "num_classes": 2},
+                           [0.0, math.log(3.0)], {"type": "classification", "name": "nodule"},
+                           [{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}],
+                           preprocessing={}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
+    return folder
+
+
+@pytest.fixture()
+def env(slicer_double, model_folder, monkeypatch):
+    monkeypatch.setenv("MED3D_MODELS", str(model_folder))
+    slicer, med3d = slicer_double
+    return slicer, med3d, med3d.Med3DLogic()
+
+
+def add_volume(slicer, volume: Volume, name: str = "ct"):
+    array, matrix = geometry.node_data_from_volume(volume)
+    return slicer.util.addVolumeFromArray(array, matrix, name)
+
+
+def segment_world_mask(slicer, segmentation_node, segment_name: str, reference_node) -> np.ndarray:
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+    assert segment_id, f"no segment named {segment_name}"
+    return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, reference_node)
+
+
+# ------------------------------------------------------------------------------------------------ basics
+
+def test_importing_the_module_does_not_import_torch() -> None:
+    """Dependencies on first use, never at import: a fresh interpreter imports Med3D without torch."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT / 'Med3DSlicer')!r}, {str(ROOT / 'Testing' / 'Slicer')!r}]
+        import slicer_double
+        slicer_double.install()
+        import Med3D
+        assert Med3D.Med3DLogic is not None
+        print("torch" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_parameter_node_defaults_and_persistence(env) -> None:
+    slicer, med3d, logic = env
+    parameters = logic.getParameterNode()
+    assert parameters.task == "Lung segmentation" and parameters.device == "auto"
+    assert parameters.epochs == 10 and parameters.learningRate == pytest.approx(0.001)
+    parameters.epochs = 3
+    assert med3d.Med3DLogic().getParameterNode().epochs == 3  # stored in the scene, not the widget
+
+
+def test_volume_from_node_equals_the_engine_reader(env, data_dir) -> None:
+    slicer, _, logic = env
+    for relative in ("mr/brain_mr_1.nrrd", "ct/abdomen_ct_small.nii.gz"):
+        node = slicer.util.loadVolume(str(data_dir / relative))
+        volume = logic.volumeFromNode(node)
+        expected = read_volume(data_dir / relative)
+        assert volume.same_geometry(expected)
+        np.testing.assert_array_equal(volume.array, expected.array)
+        assert volume.array is not slicer.util.arrayFromVolume(node)
+
+
+def test_a_parent_transform_is_refused_and_the_scene_left_alone(env) -> None:
+    slicer, _, logic = env
+    node = add_volume(slicer, Volume(np.zeros((4, 5, 6), np.int16)))
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Registration")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    before = slicer.mrmlScene.GetNumberOfNodes()
+    with pytest.raises(Med3DError, match="under the transform 'Registration'.*Harden"):
+        logic.segment(node, "lung")
+    assert slicer.mrmlScene.GetNumberOfNodes() == before
+    assert node.GetParentTransformNode() is transform
+    with pytest.raises(Med3DError, match="no input volume"):
+        logic.segment(None, "lung")
+    with pytest.raises(Med3DError, match="not a segmentation task"):
+        logic.segment(node, "nodule")
+
+
+# ----------------------------------------------------------------------------------------------- segments
+
+def test_segmentation_from_labels_names_colours_codes_and_cleans_up(env) -> None:
+    slicer, _, logic = env
+    image = Volume(np.zeros((6, 7, 8), np.int16), spacing=(1.5, 1.5, 3.0), origin=(5.0, -3.0, 10.0))
+    reference = add_volume(slicer, image)
+    labels = np.zeros(image.shape, np.int32)
+    labels[1:3, 2:4, 2:5] = 1
+    labels[4, 5, 6] = 2
+    info = [{"value": 1, "name": "liver", "color": [221, 130, 101], "terminology": "SCT^10200004^Liver"},
+            {"value": 2, "name": "liver tumour", "color": [144, 238, 144],
+             "terminology": "SCT^108369006^Neoplasm"},
+            {"value": 3, "name": "absent"}]
+    nodes_before = slicer.mrmlScene.GetNumberOfNodes()
+    node = logic.segmentationFromLabels(image.with_array(labels), info, reference, "ct liver")
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes_before + 1  # temporary label map and colours removed
+    segmentation = node.GetSegmentation()
+    assert [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName() for i in range(2)] == \
+        ["liver", "liver tumour"]
+    liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver"))
+    np.testing.assert_allclose(liver.GetColor(), np.array([221, 130, 101]) / 255)
+    tag = vtk.reference("")
+    assert liver.GetTag(liver.GetTerminologyEntryTagName(), tag)
+    assert segments.parse_terminology(str(tag))["type"] == ("SCT", "10200004", "Liver")
+    tumour = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver tumour"))
+    tumour.GetTag("TerminologyEntry", tag)
+    assert "Morphologically Altered Structure" in str(tag)
+    np.testing.assert_array_equal(segment_world_mask(slicer, node, "liver", reference), labels == 1)
+    assert node.hasClosedSurface and node.GetNodeReference("referenceImageGeometryRef") is reference
+    # Reusing the node replaces its segments.
+    logic.segmentationFromLabels(image.with_array((labels == 2).astype(np.uint8)), info, reference, "x", node)
+    assert segmentation.GetNumberOfSegments() == 1
+
+
+def test_empty_result_gives_an_empty_segmentation(env) -> None:
+    slicer, _, logic = env
+    image = Volume(np.zeros((3, 4, 5), np.int16))
+    node = logic.segmentationFromLabels(image.with_array(np.zeros((3, 4, 5), np.uint8)), LUNG_LABELS,
+                                        add_volume(slicer, image), "empty")
+    assert node.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def fake_world_segment(volume, model, task=None, device="auto", reporter=None):
+    """FAKE of infer.segment (named so): labels the patient's left half (LPS x > 0) as 1, and voxels above
+    z = 10 mm in it as 2, computed from each voxel's world position, so any misplacement shows."""
+    from med3dcore.infer import SegmentationResult
+
+    k, j, i = np.indices(volume.shape)
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
+    lps = ijk @ (volume.direction * np.asarray(volume.spacing)).T + np.asarray(volume.origin)
+    labels = (lps[:, 0] > 0).astype(np.uint8)
+    labels[(labels == 1) & (lps[:, 2] > 10)] = 2
+    info = [{"value": 1, "name": "left", "color": [255, 0, 0]}, {"value": 2, "name": "left top", "color": [0, 0, 255]}]
+    return SegmentationResult(volume.with_array(labels.reshape(volume.shape)), info, [])
+
+
+def oblique(volume: Volume) -> Volume:
+    angle = np.radians(25)
+    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    return Volume(volume.array, volume.spacing, volume.origin, rotation @ volume.direction)
+
+
+@pytest.mark.parametrize("storage", ["as-is", "flipped", "permuted", "oblique"])
+def test_results_line_up_in_world_space(env, monkeypatch, storage) -> None:
+    slicer, _, logic = env
+    from med3dcore import infer
+
+    monkeypatch.setattr(infer, "segment", fake_world_segment)
+    image, _, _ = make_ct_phantom((10, 12, 14), (3.0, 2.5, 4.0), seed=1)
+    image = Volume(image.array, image.spacing, (-15.0, -20.0, -12.0), image.direction)
+    stored = {"as-is": image, "flipped": store_as(image, flip=(0, 2)),
+              "permuted": store_as(image, flip=(1,), permute=(2, 0, 1)), "oblique": oblique(image)}[storage]
+    node = add_volume(slicer, stored, storage)
+    result = logic.segment(node, "lung")
+    left = segment_world_mask(slicer, result, "left", node)
+    top = segment_world_mask(slicer, result, "left top", node)
+    # Expected from the node's own IJK-to-RAS, as Slicer would place each voxel: RAS x < 0 is patient left.
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    k, j, i = np.indices(stored.shape)
+    ras = geometry.ijk_to_ras(slicer.util.arrayFromVTKMatrix(matrix),
+                              np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)).reshape(stored.shape + (3,))
+    expected_left = (ras[..., 0] < 0) & ~(ras[..., 2] > 10)
+    assert left.any() and top.any()
+    np.testing.assert_array_equal(left.astype(bool), expected_left)
+    np.testing.assert_array_equal(top.astype(bool), (ras[..., 0] < 0) & (ras[..., 2] > 10))
+
+
+# --------------------------------------------------------------------------------------- real engine runs
+
+def test_segment_with_a_real_bundle_on_a_real_scan(env, data_dir) -> None:
+    slicer, _, logic = env
+    node = slicer.util.loadVolume(str(data_dir / "ct" / "abdomen_ct_small.nii.gz"))
+    before = slicer.util.arrayFromVolume(node).copy()
+    events = []
+    logic.progressCallback = lambda fraction, text: events.append((fraction, text))
+    result = logic.segment(node, task="lung", device="cpu")
+    assert result.GetName() == f"{node.GetName()} lung"
+    mask = segment_world_mask(slicer, result, "lung", node)
+    assert mask.shape == before.shape and mask.all()  # the bundle's constant output: lung everywhere
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)  # input untouched
+    assert events, "the engine's progress never reached the progress callback"
+
+
+def test_cancel_stops_in_process_inference(env, data_dir) -> None:
+    slicer, _, logic = env
+    node = slicer.util.loadVolume(str(data_dir / "ct" / "abdomen_ct_small.nii.gz"))
+
+    def press_cancel(fraction, text):
+        logic.cancelRequested = True  # what the Cancel button does during the first progress event
+
+    logic.progressCallback = press_cancel
+    count = slicer.mrmlScene.GetNumberOfNodes()
+    with pytest.raises(Med3DError, match="cancelled by the user"):
+        logic.segment(node, "lung", device="cpu")
+    assert slicer.mrmlScene.GetNumberOfNodes() == count  # no half-made segmentation left behind
+
+
+def test_classify_nodule_fills_the_table(env, data_dir) -> None:
+    slicer, _, logic = env
+    node = slicer.util.loadVolume(str(data_dir / "ct" / "chest_ct.nrrd"))
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Nodule 1")
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    centre = geometry.ijk_to_ras(slicer.util.arrayFromVTKMatrix(matrix), [[256, 256, 24]])[0]
+    roi_node.SetCenter(centre)
+    roi_node.SetSize(20, 20, 20)
+    probabilities = logic.classifyNodule(node, roi_node, device="cpu")
+    assert probabilities == pytest.approx({"benign": 0.25, "malignant": 0.75})
+    table = logic.lastResultTable.GetTable()
+    rows = {table.GetValue(r, 0).ToString(): table.GetValue(r, 1).ToString() for r in range(table.GetNumberOfRows())}
+    assert rows["P(benign)"] == "0.2500" and rows["P(malignant)"] == "0.7500" and rows["class"] == "malignant"
+    assert rows["ROI centre RAS (mm)"] == ", ".join(f"{v:.1f}" for v in centre)
+    assert rows["ROI size (mm)"] == "20.0, 20.0, 20.0"
+
+
+def test_classify_refuses_bad_rois_before_loading_a_model(env) -> None:
+    slicer, _, logic = env
+    node = add_volume(slicer, Volume(np.zeros((5, 6, 7), np.int16)))
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far")
+    roi_node.SetCenter(500.0, 0.0, 0.0)
+    roi_node.SetSize(10, 10, 10)
+    with pytest.raises(Med3DError, match="does not contain any voxel"):
+        logic.classifyNodule(node, roi_node, model="/nonexistent.pt")
+    with pytest.raises(Med3DError, match="no ROI is selected"):
+        logic.classifyNodule(node, None)
+
+
+def test_create_roi_at_the_crosshair(env) -> None:
+    slicer, _, logic = env
+    crosshair = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLCrosshairNode")
+    crosshair.position = [10.0, -20.0, 5.0]
+    node = logic.createRoiAtCursor(25.0)
+    centre, size, axes = logic.roiFromNode(node)
+    np.testing.assert_allclose(centre, [10, -20, 5])
+    np.testing.assert_allclose(size, [25, 25, 25])
+    np.testing.assert_allclose(axes, np.eye(3))
+
+
+def test_model_file_is_added_once_and_listed(env, model_folder, tmp_path, monkeypatch) -> None:
+    slicer, _, logic = env
+    own = tmp_path / "own"
+    own.mkdir()
+    monkeypatch.setenv("MED3D_MODELS", str(own))
+    assert logic.availableModels("lung") == []
+    added = logic.addModelFile(str(model_folder / "lung-everywhere.pt"))
+    assert Path(added).parent == own
+    assert [m.name for m in logic.availableModels("lung")] == ["lung-everywhere"]
+    with pytest.raises(Med3DError, match="already in"):
+        logic.addModelFile(str(model_folder / "lung-everywhere.pt"))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(Med3DError):
+        logic.addModelFile(str(broken))
+
+
+# ------------------------------------------------------------------------------------------- dependencies
+
+def test_missing_packages_are_installed_only_after_asking(env, monkeypatch) -> None:
+    slicer, med3d, logic = env
+    import PyTorchUtils
+    from Med3DLib import dependencies
+
+    missing = {"torch", "nibabel"}
+    monkeypatch.setattr(dependencies, "is_installed", lambda name: name not in missing)
+    slicer.util.confirmAnswer = False
+    with pytest.raises(Med3DError, match="needs these packages to run: torch, nibabel>=4.0"):
+        logic.ensureDependencies()
+    assert slicer.util.pipInstalls == [] and PyTorchUtils.installs == []
+    slicer.util.confirmAnswer = True
+    record = slicer.util.pip_install
+
+    def pip_install(arguments):  # the install works: the packages become importable
+        record(arguments)
+        missing.difference_update(a.split(">=")[0] for a in arguments)
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    # The double's PyTorch extension records the call but cannot make torch importable: restart needed.
+    with pytest.raises(Med3DError, match="still not importable after the install: torch; restart Slicer"):
+        logic.ensureDependencies()
+    assert "nibabel>=4.0" in slicer.util.confirmations[-1]
+    (arguments,) = slicer.util.pipInstalls
+    assert arguments[:2] == ["nibabel>=4.0", "-c"] and PyTorchUtils.installs == [">=1.13"]
+    assert "numpy==" in Path(arguments[2]).read_text()  # Slicer's numpy pinned: pip cannot replace it
+    missing.clear()
+    asked = len(slicer.util.confirmations)
+    logic.ensureDependencies()  # nothing missing: no question
+    assert len(slicer.util.confirmations) == asked
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+
+def test_export_training_cases_from_the_scene_leaves_nodes_untouched(env, tmp_path) -> None:
+    slicer, _, logic = env
+    image, labels, _ = make_ct_phantom((8, 10, 12), (3.0, 3.0, 3.0), seed=2)
+    volume_node = add_volume(slicer, image, "phantom")
+    lung = labels.with_array((labels.array == 1).astype(np.uint8))
+    segmentation_node = logic.segmentationFromLabels(lung, LUNG_LABELS, volume_node, "phantom lung")
+    voxels = slicer.util.arrayFromVolume(volume_node).copy()
+    modified = volume_node.modifiedCount
+    table = logic.exportTrainingCases("lung", [(volume_node, segmentation_node)], str(tmp_path))
+    exported = read_volume(tmp_path / "labels" / "case_000.nii.gz")
+    np.testing.assert_array_equal(exported.array, lung.array)
+    assert exported.same_geometry(image)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume_node), voxels)
+    assert volume_node.modifiedCount == modified
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Nodule malignant")
+    roi_node.SetCenter(1.0, 2.0, 3.0)
+    roi_node.SetSize(10, 10, 10)
+    nodule_table = logic.exportTrainingCases("nodule", [(volume_node, roi_node)], str(tmp_path / "n"))
+    text = Path(nodule_table).read_text()
+    assert "malignant" in text and "-1.0000,-2.0000,3.0000,10.0000,10.0000,10.0000" in text
+    assert Path(table).is_file()
+
+
+FAKE_ENGINE = """
+import json, sys, time
+args = sys.argv[1:]
+for step in range(1, 4):
+    print(json.dumps({"kind": "progress", "stage": "train", "step": step, "total": 3,
+                      "metrics": {"loss": 1.0 / step}}), flush=True)
+    time.sleep(0.05)
+if "--fail" in args:
+    print("med3d finetune: error: out of memory", file=sys.stderr)
+    sys.exit(2)
+print(json.dumps({"kind": "result", "stage": "finetune", "model": "x"}), flush=True)
+"""
+
+
+def test_finetune_run_reports_plots_and_fails_clearly(env, tmp_path, monkeypatch) -> None:
+    """The run machinery with a FAKE engine script in place of ``med3d finetune`` (same JSON-lines protocol)."""
+    slicer, med3d, logic = env
+    script = tmp_path / "fake_engine.py"
+    script.write_text(FAKE_ENGINE)
+    run = med3d.FinetuneRun([sys.executable, str(script)], str(tmp_path / "new.pt"), str(tmp_path)).start()
+    assert run.wait(60) == 0
+    assert run.state.losses == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert run.state.result["model"] == "x" and run.failure() is None
+    chart = run.plotChartNode
+    series = slicer.mrmlScene.GetNodeByID(chart.seriesIDs[0])
+    table = slicer.mrmlScene.GetNodeByID(series.tableNodeID).GetTable()
+    assert (series.xColumn, series.yColumn) == ("step", "loss")
+    assert [table.GetValue(r, 1).ToDouble() for r in range(table.GetNumberOfRows())] == \
+        pytest.approx([1.0, 0.5, 1 / 3])
+    failing = med3d.FinetuneRun([sys.executable, str(script), "--fail"], "x", str(tmp_path)).start()
+    failing.wait(60)
+    assert failing.failure() == "fine-tuning failed with exit code 2: med3d finetune: error: out of memory"
+
+
+def test_finetune_refuses_an_existing_name_and_no_data(env, model_folder) -> None:
+    slicer, _, logic = env
+    with pytest.raises(Med3DError, match="already exists"):
+        logic.finetune("lung", folder="/data", newModelName="lung-everywhere")
+    with pytest.raises(Med3DError, match="no training data"):
+        logic.finetune("lung", newModelName="brand-new")
+    with pytest.raises(Med3DError, match="unknown task"):
+        logic.finetune("brain", folder="/data")
