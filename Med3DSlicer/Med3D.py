@@ -21,8 +21,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from slicer import (vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode,
-                    vtkMRMLTableNode)
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -121,6 +120,7 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
 
     def addModelFile(self, path: str) -> str:
         """Copy a bundle into the user's model folder (never replacing one) after checking it loads."""
+        self.ensureDependencies()
         from med3dcore import weights
 
         weights.load_bundle(path)  # a broken or foreign file fails here, with the engine's message
@@ -352,9 +352,9 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
         """
         if task not in models.TASKS:
             raise Med3DError(f"unknown task '{task}'; choose one of: {', '.join(models.TASKS)}")
+        self.ensureDependencies()
         outDir = self.modelsFolder()
         name = finetune_job.model_name(outDir, newModelName, resume)
-        self.ensureDependencies()
         workFolder = tempfile.mkdtemp(prefix="Med3D-finetune-")
         if pairs:
             data = self.exportTrainingCases(task, pairs, workFolder)
@@ -362,13 +362,27 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
             data = folder
         else:
             raise Med3DError("no training data: choose cases in the scene or a folder of training cases")
-        init = self.resolveModel(task, startModel) if startModel else None
+        steps = finetune_job.steps_for_epochs(epochs, finetune_job.count_cases(data), task)
+        init = self.resolveStartModel(startModel)
         os.makedirs(outDir, exist_ok=True)
         python = shutil.which("PythonSlicer") or sys.executable
-        command = finetune_job.finetune_command(python, task, data, outDir, name, init=init, epochs=epochs,
+        command = finetune_job.finetune_command(python, task, data, outDir, name, init=init, steps=steps,
                                                 lr=learningRate, device=device, resume=resume,
                                                 extra=list(extraArgs))
         return FinetuneRun(command, os.path.join(outDir, name + ".pt"), workFolder).start()
+
+    def resolveStartModel(self, startModel: Optional[str]) -> Optional[str]:
+        """None (train from scratch), a file (Med3D bundle or MedicalNet .pth) or a known model's name."""
+        if not startModel:
+            return None
+        if os.path.isfile(startModel):
+            return startModel
+        from med3dcore import weights
+
+        for info in weights.list_models():
+            if info.name == startModel and not info.error:
+                return str(info.path)
+        raise Med3DError(f"starting model '{startModel}' is neither a file nor a model in {self.modelsFolder()}")
 
 
 class FinetuneRun:
@@ -455,6 +469,7 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._busy = False
         self._run: Optional[FinetuneRun] = None
         self._lastRunCommand: Optional[Dict[str, Any]] = None
+        self._chartShown = False
         self._timer = qt.QTimer()
         self._timer.setInterval(500)
         self._timer.timeout.connect(self.onTimer)
@@ -552,20 +567,26 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.clear()
         task = self.task()
         found: List[Any] = []
+        allModels: List[Any] = []
         folder = "the Med3D model folder"
         if dependencies.is_installed("torch"):
             try:
                 folder = self.logic.modelsFolder()
-                found = self.logic.availableModels(task)
+                allModels = [info for info in self.logic.availableModels() if not info.error]
+                found = models.models_for_task(allModels, task)
             except Med3DError as error:
                 logging.warning(f"Med3D: {error}")
         for info in found:
             combo.addItem(str(info.name), str(info.path))
-        self.ui.modelInfoLabel.text = "" if found else models.no_model_text(task, folder)
+        if not dependencies.is_installed("torch"):
+            self.ui.modelInfoLabel.text = ("PyTorch is not installed yet: Apply installs it (after asking), then "
+                                           "the models on disk are listed here.")
+        else:
+            self.ui.modelInfoLabel.text = "" if found else models.no_model_text(task, folder)
         combo.blockSignals(False)
         self.ui.startModelComboBox.clear()
-        self.ui.startModelComboBox.addItem("(the task's default model)", "")
-        for info in found:
+        self.ui.startModelComboBox.addItem("(from scratch)", "")
+        for info in allModels:  # any bundle's encoder (or a MedicalNet file) can start a fine-tuning run
             self.ui.startModelComboBox.addItem(str(info.name), str(info.path))
         self.onModelChosen(combo.currentIndex)
         isNodule = task == "nodule"
@@ -643,7 +664,8 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()  # the button reads "Cancel" while a run goes on
             return
         p = self._parameterNode
-        arguments = dict(task=self.task(), pairs=self._trainingPairs(), folder=self.ui.trainingFolderEdit.currentPath,
+        arguments = dict(task=self.task(), pairs=self._trainingPairs(),
+                         folder=self.ui.trainingFolderEdit.currentPath or None,
                          startModel=self.ui.startModelComboBox.currentData or None, epochs=p.epochs,
                          learningRate=p.learningRate, newModelName=p.newModelName, device=p.device)
         self._startRun(arguments)
@@ -659,6 +681,7 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
             self._run = self.logic.finetune(**arguments)
             self._lastRunCommand = arguments
+            self._chartShown = False
             self.ui.finetuneButton.text = "Cancel"
             self.ui.resumeButton.enabled = False
             self.ui.finetuneProgressBar.value = 0
@@ -674,8 +697,9 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run.state.fraction is not None:
             self.ui.finetuneProgressBar.value = int(round(100 * run.state.fraction))
         self.ui.finetuneStatusLabel.text = run.state.status_text()
-        if run.plotChartNode is not None:
-            slicer.modules.plots.logic().ShowChartInLayout(run.plotChartNode)
+        if run.plotChartNode is not None and not self._chartShown:
+            slicer.modules.plots.logic().ShowChartInLayout(run.plotChartNode)  # once: the user may change layout
+            self._chartShown = True
         if going:
             return
         self._timer.stop()

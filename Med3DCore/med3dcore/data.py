@@ -338,7 +338,7 @@ def validate_domains(domains: Sequence[Domain]) -> Dict[str, Tuple[float, float,
         elif found:
             spacings[domain.name] = median_spacing(found)
     if problems:
-        raise Med3DError(f"{len(problems)} problem(s) in the data: " + " | ".join(problems))
+        raise Med3DError(f"{len(problems)} problem(s) in the data: " + " | ".join(" ".join(p.split()) for p in problems))
     return spacings
 
 

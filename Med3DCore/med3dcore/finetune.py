@@ -467,7 +467,7 @@ def volume_dice(model: torch.nn.Module, data: Any, values: Sequence[int]) -> Dic
     scores: Dict[int, List[float]] = {v: [] for v in values}
     for c in range(len(data.domains[0].cases)):
         image, label = data.arrays(0, c)
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+        x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None].to(device)
         prediction = model(x).argmax(1)[0].cpu().numpy()
         for v, s in dice_per_label(prediction, np.asarray(label), values).items():
             scores[v].append(s)

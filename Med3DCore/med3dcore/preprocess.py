@@ -9,7 +9,7 @@ input's own grid, and ``prepare_label`` brings a training mask onto the network'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -89,7 +89,7 @@ class PreprocessSpec:
         """The spec a dict describes; missing keys take the defaults, unknown keys or bad values are errors."""
         if not isinstance(data, Mapping):
             raise Med3DError(f"preprocessing description must be a mapping, got {type(data).__name__}")
-        known = ("spacing", "window", "clip_percentiles", "zscore", "canonical", "modality")
+        known = tuple(f.name for f in fields(cls))
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
             raise Med3DError(f"unknown preprocessing setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -314,7 +314,7 @@ class Prepared:
 
     @property
     def resampled(self) -> bool:
-        return not (self.grid.same_as(self.canonical, atol=0.0))
+        return not self.grid.same_as(self.canonical, atol=0.0)
 
 
 def _orient(volume: Volume, canonical: bool) -> Tuple[Volume, Orientation]:
@@ -336,7 +336,7 @@ def preprocess_image(volume: Volume, spec: PreprocessSpec) -> Tuple[np.ndarray, 
     else:
         grid = canonical
         data = _float32_copy(oriented.array)
-    if data.dtype.kind == "f" and not math.isfinite(float(np.add.reduce(data.reshape(-1), dtype=np.float64))):
+    if volume.array.dtype.kind == "f" and not math.isfinite(float(np.add.reduce(data.reshape(-1), dtype=np.float64))):
         raise Med3DError("image contains NaN or infinite values; fix or re-export the image")
     if spec.window is not None:
         _window_(data, *spec.window)

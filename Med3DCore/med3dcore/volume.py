@@ -163,26 +163,31 @@ class Volume:
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> "Volume":
         """A volume from a 3D scalar SimpleITK image (voxels copied)."""
-        _check_scalar_3d(image, "image")
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            _check_scalar_3d(image, "image")  # raises the matching message
         return cls(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
                    np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3))
 
 
-def _check_scalar_3d(image: sitk.Image, what: str) -> None:
-    dim = image.GetDimension()
-    size = "x".join(str(s) for s in image.GetSize())
+def _check_scalar_3d(image: Union[sitk.Image, sitk.ImageFileReader], what: str) -> None:
+    """Refuse 2D, 4D+, vector and single-slice images (an image or a reader after ReadImageInformation)."""
+    dim, shape = image.GetDimension(), image.GetSize()
+    size = "x".join(str(s) for s in shape)
+    components = (image.GetNumberOfComponents() if isinstance(image, sitk.ImageFileReader)
+                  else image.GetNumberOfComponentsPerPixel())
     if dim == 2:
         raise Med3DError(f"{what} is a 2D image (size {size}); Med3D needs a 3D volume "
                          "(a NIfTI/NRRD/MHA volume or a DICOM series folder)")
     if dim != 3:
         raise Med3DError(f"{what} is a {dim}D image (size {size}), e.g. a time series; "
                          "extract one 3D volume first")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise Med3DError(f"{what} has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or "
+    if components != 1:
+        raise Med3DError(f"{what} has {components} values per voxel (colour or "
                          "vector image); Med3D needs a scalar (grey-value) 3D volume")
+    if min(shape) < 2:
+        raise Med3DError(f"{what} is a single slice (size {size}); Med3D needs a 3D volume with at least two "
+                         "voxels along every axis")
 
-
-# ---------------------------------------------------------------------------------------------------------- files
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
@@ -277,8 +282,9 @@ def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, folder
     spacing = image.GetSpacing()[2]
     if np.max(np.abs(steps - spacing)) > 0.05 * spacing + 1e-3:
         raise Med3DError(f"DICOM series in '{folder}' has unevenly spaced slices (gaps between {steps.min():.3g} and "
-                         f"{steps.max():.3g} mm): missing files or variable slice thickness; add the missing files "
-                         "or resample the series in a DICOM tool first")
+                         f"{steps.max():.3g} mm): missing files, variable slice thickness or several images per "
+                         "position (echoes, phases); add the missing files or split/resample the series in a DICOM "
+                         "tool first")
 
 
 def _first_line(exc: Exception) -> str:
@@ -300,25 +306,44 @@ def _check_nifti_complete(path: Path) -> None:
     except Exception as exc:  # nibabel raises several types for damaged headers
         raise Med3DError(f"cannot read '{path}' as NIfTI: the file is damaged, truncated or not a NIfTI image "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if path.name.lower().endswith(".gz") and _gzip_trailer_size(path) == needed % (1 << 32):
+        return  # the trailer of a complete gzip file records its size; a cut file ends in arbitrary bytes
     if path.name.lower().endswith(".gz"):
-        available, inflater, pending = 0, zlib.decompressobj(wbits=31), b""
-        with open(path, "rb") as stream:
-            while not inflater.eof:
-                pending = pending or stream.read(1 << 20)
-                if not pending:
-                    break
-                try:  # at most 16 MiB out at a time: a label map can compress a thousandfold
-                    available += len(inflater.decompress(pending, 1 << 24))
-                except zlib.error:
-                    break
-                pending = inflater.unconsumed_tail
-        complete = inflater.eof
+        # Slow path, also right for multi-member gzip files: inflate as a stream and count.
+        available, complete = _gzip_stream_size(path)
     else:
         available, complete = path.stat().st_size, True
     if not complete or available < needed:
         raise Med3DError(f"'{path}' is truncated or damaged (the NIfTI header promises {needed} bytes, the file "
                          f"holds {available}{'' if complete else ' and its compressed stream ends early'}); "
                          "copy or export the file again")
+
+
+def _gzip_stream_size(path: Path) -> Tuple[int, bool]:
+    """Uncompressed size of a gzip file (all members) and whether its last member ends properly."""
+    available, inflater, pending, complete = 0, zlib.decompressobj(wbits=31), b"", False
+    with open(path, "rb") as stream:
+        while True:
+            pending = pending or stream.read(1 << 20)
+            if not pending:
+                return available, complete
+            try:  # at most 16 MiB out at a time: a label map can compress a thousandfold
+                available += len(inflater.decompress(pending, 1 << 24))
+            except zlib.error:
+                return available, False
+            pending, complete = inflater.unconsumed_tail, inflater.eof
+            if inflater.eof:  # the next member, if any, starts in unused_data
+                pending, inflater = inflater.unused_data, zlib.decompressobj(wbits=31)
+
+
+def _gzip_trailer_size(path: Path) -> int:
+    """The last four bytes of a gzip file: the uncompressed size modulo 2**32."""
+    with open(path, "rb") as stream:
+        stream.seek(0, os.SEEK_END)
+        if stream.tell() < 18:
+            return -1
+        stream.seek(-4, os.SEEK_END)
+        return int.from_bytes(stream.read(4), "little")
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -330,44 +355,84 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def _checked_file(path: Path) -> str:
+    """The format suffix of a readable volume file; clear errors for DICOM files and other formats."""
+    suffix = _suffix(path)
+    if _is_dicom_file(path):
+        raise Med3DError(f"'{path.name}' is one DICOM file; give the folder that holds its series ('{path.parent}')")
+    if suffix not in FILE_FORMATS:
+        raise Med3DError(f"cannot read '{path.name}': '{suffix or 'no extension'}' is not a volume format; "
+                         f"give {_SUPPORTED}")
+    return suffix
+
+
+def _unreadable(path: Path, suffix: str, exc: Exception) -> Med3DError:
+    kind = FILE_FORMATS[suffix]
+    return Med3DError(f"cannot read '{path}' as {kind}: the file is damaged, truncated or not a {kind} image "
+                      f"({_first_line(exc)})")
+
+
+def _snap_direction(direction: np.ndarray) -> np.ndarray:
+    # NRRD readers normalise "space directions" vectors, leaving 1e-16 noise on axis-aligned directions;
+    # snap it so an axis-aligned grid survives any number of round trips exactly.
+    snapped = np.round(direction)
+    noise = np.abs(direction - snapped) < 1e-12
+    direction[noise] = snapped[noise]
+    return direction
+
+
+def _existing(path: PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise Med3DError(f"'{path}' does not exist; check the path")
+    return path
+
+
 def read_volume(path: PathLike, series_uid: Optional[str] = None) -> Volume:
     """Read a 3D scalar volume from a NIfTI/NRRD/MetaImage file or a DICOM series folder.
 
     A folder with several DICOM series is an error that lists them, unless ``series_uid`` picks one.
     """
-    path = Path(path)
-    if not path.exists():
-        raise Med3DError(f"'{path}' does not exist; check the path")
+    path = _existing(path)
     if path.is_dir():
         image = _read_dicom_folder(path, series_uid)
     else:
-        suffix = _suffix(path)
-        if _is_dicom_file(path):
-            raise Med3DError(f"'{path.name}' is one DICOM file; give the folder that holds its series "
-                             f"('{path.parent}')")
-        if suffix not in FILE_FORMATS:
-            raise Med3DError(f"cannot read '{path.name}': '{suffix or 'no extension'}' is not a volume format; "
-                             f"give {_SUPPORTED}")
+        suffix = _checked_file(path)
         if FILE_FORMATS[suffix] == "NIfTI":
             _check_nifti_complete(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise Med3DError(f"cannot read '{path}' as {FILE_FORMATS[suffix]}: the file is damaged, truncated or "
-                             f"not a {FILE_FORMATS[suffix]} image ({_first_line(exc)})") from None
+            raise _unreadable(path, suffix, exc) from None
         if image.GetDimension() == 4 and image.GetSize()[3] == 1:
             image = image[:, :, :, 0]  # a 4D header around one 3D volume
     _check_scalar_3d(image, f"'{path}'")
-    if min(image.GetSize()) < 2:
-        raise Med3DError(f"'{path}' is a single slice (size {'x'.join(map(str, image.GetSize()))}); "
-                         "Med3D needs a 3D volume with at least two voxels along every axis")
     volume = Volume.from_sitk(image)
-    # NRRD readers normalise "space directions" vectors, leaving 1e-16 noise on axis-aligned directions;
-    # snap it so an axis-aligned grid survives any number of round trips exactly.
-    snapped = np.round(volume.direction)
-    noise = np.abs(volume.direction - snapped) < 1e-12
-    volume.direction[noise] = snapped[noise]
+    _snap_direction(volume.direction)
     return volume
+
+
+def read_geometry(path: PathLike, series_uid: Optional[str] = None) -> Geometry:
+    """The grid of a volume file from its header alone (fast: e.g. for a dataset's median spacing); a DICOM
+    folder is read whole."""
+    path = _existing(path)
+    if path.is_dir():
+        return read_volume(path, series_uid).geometry
+    suffix = _checked_file(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(path, suffix, exc) from None
+    dim = reader.GetDimension()
+    if dim == 4 and reader.GetSize()[3] == 1:  # a 4D header around one 3D volume
+        direction = np.array(reader.GetDirection()).reshape(4, 4)[:3, :3]
+        return Geometry(reader.GetSize()[2::-1], reader.GetSpacing()[:3], reader.GetOrigin()[:3],
+                        _snap_direction(direction.copy()))
+    _check_scalar_3d(reader, f"'{path}'")
+    return Geometry(reader.GetSize()[::-1], reader.GetSpacing(), reader.GetOrigin(),
+                    _snap_direction(np.array(reader.GetDirection(), dtype=np.float64).reshape(3, 3)))
 
 
 def write_volume(volume: Volume, path: PathLike, overwrite: bool = False, compress: bool = True) -> Path:
@@ -376,7 +441,7 @@ def write_volume(volume: Volume, path: PathLike, overwrite: bool = False, compre
     An existing file is replaced only with ``overwrite=True``; single-file formats are written to a temporary
     file first and renamed, so a failure never leaves a half-written file in place of a good one.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     suffix = _suffix(path)
     if suffix not in FILE_FORMATS:
         raise Med3DError(f"cannot write '{path.name}': choose a file name ending in "
@@ -521,7 +586,8 @@ def orientation_of(geometry: Union[Volume, Geometry]) -> Orientation:
 def to_canonical(volume: Volume) -> Tuple[Volume, Orientation]:
     """Permute and flip axes (no interpolation) so the direction is closest to identity (LPS).
 
-    The voxels keep their world positions; :func:`from_canonical` undoes it exactly.
+    The voxels keep their world positions; :func:`from_canonical` undoes it exactly. A volume that is already
+    canonical comes back as the same object (no copy).
     """
     orientation = orientation_of(volume)
     if orientation.is_identity:

@@ -27,7 +27,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -293,6 +293,13 @@ def describe_architecture(arch: Mapping[str, Any]) -> str:
     return f"pre-activation {name}" if arch.get("preact") else name
 
 
+def _unwrap(model: Any) -> Any:
+    """The network inside a (Distributed)DataParallel wrapper, so names carry no extra ``module.``."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
 def _net_architecture(net: ResNet3D) -> Dict[str, Any]:
     return {"depth": net.depth, "shortcut_type": net.shortcut_type, "preact": net.preact}
 
@@ -380,7 +387,8 @@ def load_medicalnet(net: nn.Module, path: PathLike) -> LoadReport:
 def export_medicalnet(encoder_or_model: nn.Module, path: PathLike, overwrite: bool = False) -> Path:
     """Write the backbone of a ``resnet3d`` network or a :class:`Med3DNet` as a MedicalNet release file,
     ``{"state_dict": {"module.<key>": tensor}}`` (no ``conv_seg``, no head), atomically."""
-    net = encoder_or_model.encoder if isinstance(encoder_or_model, Med3DNet) else encoder_or_model
+    net = _unwrap(encoder_or_model)
+    net = net.encoder if isinstance(net, Med3DNet) else net
     if not isinstance(net, ResNet3D):
         raise Med3DError(f"export_medicalnet needs a resnet3d network or a Med3DNet, got {type(net).__name__}")
     path = Path(path)
@@ -488,6 +496,7 @@ def save_bundle(path: PathLike, model: Union[nn.Module, Mapping[str, torch.Tenso
     """
     path = Path(path)
     _refuse_overwrite(path, overwrite)
+    model = _unwrap(model)
     raw = model.state_dict() if isinstance(model, nn.Module) else model
     state = {str(k): v.detach().cpu() for k, v in raw.items()}
     arch = _plain(architecture, "architecture")

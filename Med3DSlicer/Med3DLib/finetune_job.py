@@ -106,16 +106,54 @@ def model_name(models_folder: str, name: str, resume: bool = False) -> str:
     return stem
 
 
+# Batch sizes ``med3d finetune`` uses by default (patches for segmentation, cubes for nodules).
+DEFAULT_BATCH = {"lung": 2, "liver": 2, "nodule": 8}
+
+
+def data_arguments(data: str) -> List[str]:
+    """``med3d finetune`` data flags for a table (.csv), an MSD ``dataset.json`` or a folder holding ``images/``
+    and ``labels/``."""
+    if os.path.isfile(data) and data.lower().endswith(".csv"):
+        return ["--csv", data]
+    if os.path.isfile(data) and data.lower().endswith(".json"):
+        return ["--dataset", data]
+    if os.path.isdir(os.path.join(data, "images")) and os.path.isdir(os.path.join(data, "labels")):
+        return ["--images", os.path.join(data, "images"), "--labels", os.path.join(data, "labels")]
+    raise Med3DError(f"training data '{data}' is not a .csv table, a dataset.json or a folder with images/ and "
+                     "labels/ subfolders; pick one of these")
+
+
+def count_cases(data: str) -> int:
+    """How many training cases ``data`` holds (see :func:`data_arguments`)."""
+    import json
+
+    kind = data_arguments(data)[0]
+    if kind == "--csv":
+        with open(data, newline="") as handle:
+            return sum(1 for _ in csv.DictReader(handle))
+    if kind == "--dataset":
+        with open(data) as handle:
+            return len(json.load(handle).get("training", []))
+    return sum(1 for name in os.listdir(os.path.join(data, "images")) if not name.startswith("."))
+
+
+def steps_for_epochs(epochs: int, cases: int, task: str) -> int:
+    """Optimisation steps for ``epochs`` passes over ``cases`` at the engine's default batch size."""
+    if epochs < 1:
+        raise Med3DError(f"epochs must be at least 1, got {epochs}")
+    batch = DEFAULT_BATCH.get(task, 2)
+    return int(epochs) * max(1, -(-int(cases) // batch))
+
+
 def finetune_command(python: str, task: str, data: str, out_dir: str, name: str, init: Optional[str] = None,
-                     epochs: Optional[int] = None, lr: Optional[float] = None, device: str = "auto",
+                     steps: Optional[int] = None, lr: Optional[float] = None, device: str = "auto",
                      resume: bool = False, extra: Sequence[str] = ()) -> List[str]:
     """The command line of ``med3d finetune`` for a background run with JSON-lines progress."""
-    command = [python, "-m", "med3dcore.cli", "finetune", "--task", task, "--data", data,
-               "--out", out_dir, "--name", name, "--device", device, "--progress", "jsonl"]
-    if init:
-        command += ["--init", init]
-    if epochs is not None:
-        command += ["--epochs", str(int(epochs))]
+    command = [python, "-m", "med3dcore.cli", "finetune", "--task", task, *data_arguments(data),
+               "--out", out_dir, "--name", name, "--device", device, "--progress", "jsonl",
+               "--init", init or "scratch"]
+    if steps is not None:
+        command += ["--steps", str(int(steps))]
     if lr is not None:
         command += ["--lr", repr(float(lr))]
     if resume:

@@ -62,8 +62,10 @@ class BackgroundProcess:
     def start(self) -> "BackgroundProcess":
         if self.process is not None:
             raise Med3DError("this process was already started; create a new one to run again")
-        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32"  # type: ignore[attr-defined]
-                 else {"start_new_session": True})
+        if sys.platform == "win32":
+            group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
+        else:
+            group = {"start_new_session": True}
         try:
             self.process = subprocess.Popen(
                 self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,

@@ -73,11 +73,11 @@ def test_validation_reports_every_problem_at_once(tmp_path):
     image, labels, _ = make_ct_phantom((12, 16, 16), seed=1)
     write_volume(image, tmp_path / "img.nii.gz")
     write_volume(labels, tmp_path / "lab.nii.gz")  # values 1..5
-    shifted = Volume(labels.array, labels.spacing, (5.0, 0.0, 0.0), labels.direction)
+    organs = np.where(labels.array <= 2, labels.array, 0).astype(np.uint8)
+    shifted = Volume(organs, labels.spacing, (5.0, 0.0, 0.0), labels.direction)
     write_volume(shifted, tmp_path / "shifted.nii.gz")
     write_volume(labels.with_array(np.zeros_like(labels.array)), tmp_path / "empty.nii.gz")
     (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
-    write_volume(Volume(np.zeros((1, 16, 16), np.int16)), tmp_path / "flat.nii.gz")
     domains = [
         domain_from_dict({"name": "organs", "labels": {1: "lung", 2: "liver"}, "cases": [
             {"id": "ok_but_extra_labels", "image": "img.nii.gz", "label": "lab.nii.gz"},
@@ -155,7 +155,7 @@ def test_cache_is_reused_and_a_changed_source_invalidates_its_entry(tmp_path):
 
 def test_sampler_shapes_foreground_share_and_domain_order(phantom_config):
     run = load_run_config(phantom_config)
-    data = PreparedCases(run.domains, validate_domains(run.domains), None)
+    data = PreparedCases(run.domains, validate_domains(run.domains), phantom_config.parent / "cache")
     sampler = PatchSampler(data, (12, 20, 20), batch_size=4, foreground_share=1.0, seed=1)
     names = []
     for step in range(1, 9):
@@ -184,7 +184,7 @@ def test_small_volumes_are_padded(tmp_path):
 
 def test_sampler_state_resumes_and_ranks_split_the_global_batch(phantom_config):
     run = load_run_config(phantom_config)
-    data = PreparedCases(run.domains, validate_domains(run.domains), None)
+    data = PreparedCases(run.domains, validate_domains(run.domains), phantom_config.parent / "cache")
     a = PatchSampler(data, (8, 12, 12), 4, domain_sampling="proportional", seed=5)
     for s in range(3):
         a.next_batch(s)

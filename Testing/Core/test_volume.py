@@ -4,13 +4,14 @@ from __future__ import annotations
 import gzip
 import itertools
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from med3dcore.errors import Med3DError
-from med3dcore.volume import (Geometry, Volume, as_label_map, canonical_spacing, from_canonical, read_volume,
-                              smallest_label_dtype, to_canonical, write_volume)
+from med3dcore.volume import (Geometry, Volume, as_label_map, canonical_spacing, from_canonical, read_geometry,
+                              read_volume, smallest_label_dtype, to_canonical, write_volume)
 
 FORMATS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -125,6 +126,41 @@ def test_axis_aligned_geometry_round_trips_bit_for_bit(tmp_path, suffix):
     assert np.array_equal(back.direction, vol.direction)
 
 
+@pytest.mark.parametrize("use_sform", [True, False])
+def test_nifti_written_by_nibabel_reads_in_lps(tmp_path, use_sform):
+    """nibabel's affine maps (I, J, K) to RAS; ours to LPS: they differ by negating the first two rows."""
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(2, 30) @ rotation(0, 15) @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = (-100.5, 20.25, 33.0)
+    data = np.random.default_rng(2).integers(0, 500, (7, 6, 5)).astype(np.int16)  # (I, J, K)
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine if use_sform else None, code=1 if use_sform else 0)
+    nib.save(image, str(tmp_path / "n.nii.gz"))
+    vol = read_volume(tmp_path / "n.nii.gz")
+    np.testing.assert_allclose(vol.ijk_to_lps(), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine, atol=1e-4)
+    assert np.array_equal(vol.array, data.T)
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_read_geometry_reads_the_header_only_and_agrees(tmp_path, suffix):
+    vol = oblique_volume()
+    path = write_volume(vol, tmp_path / f"v{suffix}")
+    geometry = read_geometry(path)
+    assert geometry.same_as(read_volume(path).geometry, atol=0.0)
+    assert geometry.shape == vol.shape
+
+
+def test_read_geometry_refuses_what_read_volume_refuses(tmp_path):
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkInt16), str(tmp_path / "slice.nrrd"))
+    sitk.WriteImage(sitk.Image([8, 8, 4], sitk.sitkVectorUInt8, 3), str(tmp_path / "rgb.nrrd"))
+    (tmp_path / "notes.nii.gz").write_text("patient list\n")
+    for name, message in (("slice.nrrd", "2D image"), ("rgb.nrrd", "3 values per voxel"),
+                          ("notes.nii.gz", "cannot read"), ("missing.nrrd", "does not exist")):
+        with pytest.raises(Med3DError, match=message):
+            read_geometry(tmp_path / name)
+
+
 def test_write_refuses_to_overwrite_unless_asked(tmp_path):
     vol = oblique_volume()
     path = write_volume(vol, tmp_path / "v.nrrd")
@@ -187,6 +223,17 @@ def test_truncated_gzip_stream_inside_nifti(tmp_path):
     raw = gzip.decompress(path.read_bytes())
     path.write_bytes(gzip.compress(raw[:-100]))  # a valid gzip file whose voxels are short
     expect_read_error(path, "truncated or damaged.*header promises")
+
+
+def test_multi_member_gzip_nifti_is_complete(tmp_path):
+    # bgzip and some tools write several gzip members; the size in the last trailer covers only the last one.
+    vol = oblique_volume(np.float32)
+    path = write_volume(vol, tmp_path / "v.nii.gz")
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:500]) + gzip.compress(raw[500:]))
+    assert np.array_equal(read_volume(path).array, vol.array)
+    path.write_bytes(gzip.compress(raw[:500]) + gzip.compress(raw[500:])[:-30])
+    expect_read_error(path, "truncated or damaged")
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])

@@ -9,8 +9,8 @@ import pytest
 
 from med3dcore.errors import Med3DError
 from med3dcore.preprocess import resample_to_reference
-from med3dcore.volume import (Volume, as_label_map, from_canonical, list_dicom_series, read_volume, to_canonical,
-                              write_volume)
+from med3dcore.volume import (Volume, as_label_map, from_canonical, list_dicom_series, read_geometry, read_volume,
+                              to_canonical, write_volume)
 
 # Every scan and mask outside nodules/ (those are tested below), with facts from the data README.
 SCANS = {
@@ -59,6 +59,7 @@ def test_every_scan_reads_round_trips_and_reorients(data_dir, tmp_path, name):
     vol = read_volume(data_dir / name)
     shape, spacing = SCANS[name]
     assert vol.shape == shape
+    assert read_geometry(data_dir / name).same_as(vol.geometry, atol=0.0)
     np.testing.assert_allclose(vol.spacing, spacing, atol=0.01)
     for suffix in (".nii.gz", ".nrrd", ".mha"):
         back = read_volume(write_volume(vol, tmp_path / f"copy{suffix}"))
@@ -121,6 +122,14 @@ def test_folder_with_two_series_lists_them(data_dir, tmp_path):
     assert read_volume(tmp_path, series_uid="").shape == (20, 512, 512)
     with pytest.raises(Med3DError, match="is not in folder"):
         read_volume(tmp_path, series_uid="1.2.3")
+
+
+def test_series_with_a_missing_slice_is_refused(data_dir, tmp_path):
+    files = sorted((data_dir / "dicom/abdomen_ct_series").iterdir())
+    for source in files[:9] + files[10:]:
+        (tmp_path / source.name).symlink_to(source)
+    with pytest.raises(Med3DError, match="unevenly spaced slices.*between 2 and 4 mm"):
+        read_volume(tmp_path)
 
 
 def test_single_dicom_file_points_to_its_folder(data_dir):

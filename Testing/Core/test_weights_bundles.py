@@ -100,6 +100,11 @@ def test_save_bundle_checks_its_description(model, tmp_path, changes, message):
     assert not path.exists()
 
 
+def test_save_bundle_unwraps_data_parallel(model, tmp_path):
+    path = _save(tmp_path / "dp.pt", torch.nn.DataParallel(model))
+    assert load_bundle(path).state_dict.keys() == model.state_dict().keys()
+
+
 def test_save_bundle_needs_a_med3d_model(tmp_path):
     with pytest.raises(Med3DError, match="no 'encoder.' keys; save a Med3DNet"):
         _save(tmp_path / "x.pt", resnet3d(10, "B", None))

@@ -141,19 +141,47 @@ def test_export_nodule_cases_is_read_by_the_engine(tmp_path: Path) -> None:
     assert read[0].patient == "patient-1"
 
 
-def test_model_name_and_command_line(tmp_path: Path) -> None:
+def test_model_name_and_command_line_parse_with_the_real_cli(tmp_path: Path) -> None:
+    from med3dcore.cli import build_parser
+
     (tmp_path / "taken.pt").write_bytes(b"x")
     with pytest.raises(Med3DError, match="already exists"):
         finetune_job.model_name(str(tmp_path), "taken")
     assert finetune_job.model_name(str(tmp_path), "taken", resume=True) == "taken"
     assert finetune_job.model_name(str(tmp_path), "my lung/model") == "my_lung_model"
-    command = finetune_job.finetune_command("/s/PythonSlicer", "lung", "/d/cases.csv", "/m", "mine",
-                                            init="/m/base.pt", epochs=3, lr=0.0005, resume=True)
+    table = tmp_path / "cases.csv"
+    table.write_text("image,label\na.nii.gz,b.nii.gz\nc.nii.gz,d.nii.gz\ne.nii.gz,f.nii.gz\n")
+    command = finetune_job.finetune_command("/s/PythonSlicer", "lung", str(table), "/m", "mine",
+                                            init="/m/base.pt", steps=6, lr=0.0005, resume=True)
     assert command[:4] == ["/s/PythonSlicer", "-m", "med3dcore.cli", "finetune"]
-    flags = command[4:]
-    assert flags[flags.index("--progress") + 1] == "jsonl"
-    assert flags[flags.index("--epochs") + 1] == "3" and flags[flags.index("--lr") + 1] == "0.0005"
-    assert "--resume" in flags and flags[flags.index("--init") + 1] == "/m/base.pt"
+    args = build_parser().parse_args(command[3:])
+    assert (args.task, args.csv, args.out, args.name, args.init) == ("lung", str(table), "/m", "mine", "/m/base.pt")
+    assert (args.steps, args.lr, args.resume, args.progress, args.device) == (6, 0.0005, True, "jsonl", "auto")
+    assert build_parser().parse_args(finetune_job.finetune_command("p", "nodule", str(table), "/m", "n")[3:]).init \
+        == "scratch"
+
+
+def test_data_sources_case_counts_and_epochs(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("image,label\na,b\nc,d\ne,f\n")
+    assert finetune_job.data_arguments(str(table)) == ["--csv", str(table)]
+    assert finetune_job.count_cases(str(table)) == 3
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text('{"training": [{"image": "a", "label": "b"}]}')
+    assert finetune_job.data_arguments(str(dataset)) == ["--dataset", str(dataset)]
+    assert finetune_job.count_cases(str(dataset)) == 1
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for n in range(5):
+        (tmp_path / "images" / f"c{n}.nii.gz").write_bytes(b"")
+    assert finetune_job.data_arguments(str(tmp_path))[0::2] == ["--images", "--labels"]
+    assert finetune_job.count_cases(str(tmp_path)) == 5
+    with pytest.raises(Med3DError, match="not a .csv table"):
+        finetune_job.data_arguments(str(tmp_path / "images"))
+    assert finetune_job.steps_for_epochs(10, 3, "lung") == 20     # batch 2: 2 steps per pass
+    assert finetune_job.steps_for_epochs(4, 20, "nodule") == 12   # batch 8: 3 steps per pass
+    with pytest.raises(Med3DError, match="at least 1"):
+        finetune_job.steps_for_epochs(0, 3, "lung")
 
 
 def test_every_third_party_import_of_the_engine_is_covered() -> None:

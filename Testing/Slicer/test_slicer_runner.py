@@ -84,12 +84,13 @@ def test_success_has_no_failure_message() -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="process-group signals are POSIX; Windows uses taskkill /T")
 def test_cancel_kills_grandchildren_even_those_ignoring_sigterm(tmp_path: Path) -> None:
     pid_file = tmp_path / "grandchild.pid"
-    grandchild = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    # The grandchild announces itself only once it ignores SIGTERM, so only the group SIGKILL can end it.
+    grandchild = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                   "[time.sleep(0.1) for _ in range(600)]")
     code = f"""
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c", {grandchild!r}])
-        open({str(pid_file)!r}, "w").write(str(child.pid))
         print("started", flush=True)
         time.sleep(60)
     """

@@ -1,0 +1,142 @@
+"""``med3d evaluate``: score a model on labelled cases: Dice per label (segmentation) or accuracy and AUC
+(nodule classification), printed as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+from ..devices import DEVICE_CHOICES
+from ..errors import Med3DError
+from ..progress import PROGRESS_MODES, make_event, make_reporter
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score a model on labelled cases (Dice, or accuracy and AUC) as JSON",
+        description="Run a Med3D model over labelled cases and print the scores as JSON. Segmentation models: "
+                    "Dice per label and its mean over cases, from --images DIR --labels DIR (files matched by "
+                    "name) or a --csv with image,label columns. Classification models: accuracy and AUC of "
+                    "malignant vs benign from a --csv with image, label and optional mask or roi columns (the "
+                    "table med3d finetune --task nodule reads).")
+    p.add_argument("--model", required=True, help="Med3D model bundle (.pt)")
+    p.add_argument("--csv", help="table of cases")
+    p.add_argument("--images", help="folder of images (segmentation)")
+    p.add_argument("--labels", help="folder of reference label maps with the images' file names")
+    p.add_argument("--label-map", help="map reference label values onto the model's, e.g. 5:1 (others -> 0)")
+    p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default auto)")
+    p.add_argument("--progress", default="none", choices=PROGRESS_MODES,
+                   help="progress on stderr (bar) or stdout (jsonl) while evaluating; default none")
+    p.add_argument("--json", action="store_true", help="print compact JSON on one line (default: indented)")
+    p.set_defaults(func=run)
+
+
+def _segmentation_pairs(args: argparse.Namespace) -> List[Any]:
+    from ..data import domain_from_dict
+
+    if args.csv and args.images:
+        raise Med3DError("give either --csv or --images/--labels, not both")
+    if args.images:
+        if not args.labels:
+            raise Med3DError("--images needs --labels (the folder of reference label maps)")
+        entry = {"name": "evaluate", "images": str(Path(args.images).resolve()),
+                 "masks": str(Path(args.labels).resolve()), "labels": {1: "any"}}
+    elif args.csv:
+        entry = {"name": "evaluate", "csv": str(Path(args.csv).resolve()), "labels": {1: "any"}}
+    else:
+        raise Med3DError("give the labelled cases: --csv FILE, or --images DIR --labels DIR")
+    return domain_from_dict(entry, Path.cwd()).cases
+
+
+def _label_map(text: Any) -> Dict[int, int]:
+    out: Dict[int, int] = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            try:
+                source, target = (int(v) for v in item.split(":"))
+            except ValueError:
+                raise Med3DError(f"--label-map must be SOURCE:TARGET pairs like 5:1,6:2, got {item!r}") from None
+            out[source] = target
+    return out
+
+
+def evaluate_segmentation(args: argparse.Namespace, bundle: Any, reporter: Any) -> Dict[str, Any]:
+    from ..infer import segment
+    from ..metrics import dice_per_label
+    from ..volume import read_volume
+
+    cases = _segmentation_pairs(args)
+    mapping = _label_map(args.label_map)
+    names = {int(l["value"]): str(l["name"]) for l in bundle.labels}
+    rows = []
+    for n, case in enumerate(cases):
+        image = read_volume(case.image)
+        reference = read_volume(case.label)
+        if not reference.same_geometry(image, atol=1e-3):
+            raise Med3DError(f"reference {case.label} does not lie on the grid of {case.image}; resample it onto "
+                             "the image first")
+        truth = np.asarray(reference.array).astype(np.int64)
+        if mapping:
+            lut = np.zeros(int(truth.max()) + 1, np.int64)
+            for source, target in mapping.items():
+                if source < len(lut):
+                    lut[source] = target
+            truth = lut[truth]
+        predicted = segment(image, bundle, device=args.device).labels.array
+        scores = dice_per_label(predicted, truth, sorted(names))
+        rows.append({"case": case.case_id, "dice": {names[v]: s for v, s in scores.items()}})
+        reporter(make_event("evaluate", n + 1, len(cases)))
+    mean = {name: float(np.mean([r["dice"][name] for r in rows])) for name in names.values()}
+    return {"task": bundle.task, "cases": len(rows), "mean_dice": mean, "per_case": rows}
+
+
+def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any) -> Dict[str, Any]:
+    from ..infer import classify
+    from ..metrics import accuracy, auc
+    from ..nodules import read_nodule_table
+    from ..volume import read_volume
+
+    if not args.csv or args.images:
+        raise Med3DError("a classification model is evaluated on a --csv table (image, label, optional mask/roi)")
+    cases = read_nodule_table(args.csv)
+    names = {int(l["value"]): str(l["name"]) for l in bundle.labels}
+    if sorted(names) != [0, 1]:
+        raise Med3DError(f"{args.model} has labels {names}; evaluation expects benign (0) / malignant (1)")
+    scores, truth, predicted, rows = [], [], [], []
+    for n, case in enumerate(cases):
+        image = read_volume(case.image)
+        if case.mask:
+            result = classify(image, bundle, mask=read_volume(case.mask), device=args.device)
+        elif case.roi:
+            result = classify(image, bundle, roi=(case.roi[:3], case.roi[3:]), device=args.device)
+        else:
+            result = classify(image, bundle, device=args.device)
+        p = result.probabilities[names[1]]
+        scores.append(p)
+        truth.append(case.label)
+        predicted.append(int(p >= 0.5))
+        rows.append({"image": case.image, "label": names[case.label], "probability": p})
+        reporter(make_event("evaluate", n + 1, len(cases)))
+    out: Dict[str, Any] = {"task": bundle.task, "cases": len(rows), "accuracy": accuracy(predicted, truth)}
+    out["auc"] = auc(scores, truth) if len(set(truth)) == 2 else None
+    out["per_case"] = rows
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..infer import load_model
+
+    bundle = load_model(args.model)
+    kind = bundle.task.get("type")
+    reporter = make_reporter(args.progress)
+    if kind == "segmentation":
+        result = evaluate_segmentation(args, bundle, reporter)
+    elif kind == "classification":
+        result = evaluate_classification(args, bundle, reporter)
+    else:
+        raise Med3DError(f"{args.model} is a '{kind}' model; evaluate takes segmentation or classification models")
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
