@@ -519,14 +519,16 @@ def _run_stage(domain: Any, val_domain: Any, spacing: Sequence[float], head: Map
 def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Optional[str] = None,
                           init: Optional[str] = None, backbone: Optional[Mapping[str, Any]] = None,
                           settings: Optional[SegmentationSettings] = None,
-                          groups: Optional[Mapping[str, str]] = None, reporter: Optional[Reporter] = None,
+                          groups: Optional[Mapping[str, str]] = None,
+                          val_cases: Optional[Sequence[str]] = None, reporter: Optional[Reporter] = None,
                           resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
     """Fine-tune a segmentation model on one domain (:class:`med3dcore.data.Domain`) and write
     ``out_dir/<name>.pt``.
 
     ``preset`` ``"lung"`` or ``"liver"`` fixes labels, colours, terminology, head, spacing and CT window (liver:
     two stages, coarse ROI + DenseASPP); without a preset the domain's labels and median spacing are used with
-    the lung decoder. ``groups`` maps case ids to patients for the grouped split (default: each case its own).
+    the lung decoder. ``groups`` maps case ids to patients for the grouped split (default: each case its own);
+    ``val_cases`` (case ids) replaces the random split with a chosen validation set.
     """
     from . import weights
     from .data import validate_domains
@@ -549,7 +551,15 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
     spacing = settings.spacing or cfg.get("spacing") or spacings[domain.name]
     patch = tuple(settings.patch or cfg["patch"])
     case_groups = [(groups or {}).get(c.case_id, c.case_id) for c in domain.cases]
-    train_idx, val_idx = grouped_split(case_groups, settings.val_fraction, seed=settings.seed)
+    if val_cases is None:
+        train_idx, val_idx = grouped_split(case_groups, settings.val_fraction, seed=settings.seed)
+    else:
+        val_idx = [i for i, c in enumerate(domain.cases) if c.case_id in set(val_cases)]
+        train_idx = [i for i, c in enumerate(domain.cases) if c.case_id not in set(val_cases)]
+        shared = {case_groups[i] for i in val_idx} & {case_groups[i] for i in train_idx}
+        if len(val_idx) != len(set(val_cases)) or not train_idx or shared:
+            raise Med3DError(f"validation cases {list(val_cases)} must be case ids of the data, leave training "
+                             f"cases, and share no patient with them (shared: {sorted(shared)})")
     train_domain = dataclasses.replace(domain, cases=[domain.cases[i] for i in train_idx])
     val_domain = dataclasses.replace(domain, name=domain.name + "-validation",
                                      cases=[domain.cases[i] for i in val_idx])

@@ -98,4 +98,4 @@ def test_evaluate_errors(capsys, tmp_path, lung_model):
     code, _, err = _run(capsys, ["evaluate", "--model", str(tmp_path / "none.pt"), "--csv", "x.csv"])
     assert code == 2 and "does not exist" in err
     code, _, err = _run(capsys, ["evaluate", "--model", str(lung_model), "--csv", "x.csv", "--label-map", "5-1"])
-    assert code == 2
+    assert code == 2 and "SOURCE:TARGET" in err

@@ -18,8 +18,12 @@ What it models, following DESIGN.md's "Facts about Slicer" (checked against Slic
   annotations from ``from __future__ import annotations`` must resolve) and stores typed values with defaults.
 - ``slicer.util.confirmOkCancelDisplay``/``pip_install`` record their calls; the answer is settable.
 
-What it does not model: Qt widgets and the GUI (``qt``/``ctk`` are empty modules, so ``Med3DWidget`` is only
-checked by the .ui consistency test and in a real Slicer), rendering, closed-surface generation (only a flag),
+- Qt, minimally: ``qt.QTimer`` (start/stop, no event loop: tests call the slot) and plain stand-ins for the
+  widgets of Med3D.ui (:func:`widgets_from_ui` builds one per widget of the .ui file, by class) with the
+  properties and calls the module uses; ``tryWithErrorDisplay`` records the message and re-raises, as Slicer's.
+
+What it does not model: real Qt (layouts, signals, painting, dialogs), the parameter node's GUI binding
+(``connectGui`` only returns a tag), rendering, closed-surface generation (only a flag),
 resampling of segments onto a different grid (raises ``NotImplementedError``), transforms other than the
 parent-transform reference, MRML events/observers, storage nodes and scene saving.
 """
@@ -433,6 +437,7 @@ class Util(types.ModuleType):
         self.confirmAnswer = False
         self.confirmations: List[str] = []
         self.pipInstalls: List[str] = []
+        self.errors: List[str] = []
 
     def arrayFromVolume(self, node: ScalarVolumeNode) -> np.ndarray:
         return node.array  # a view, as in Slicer
@@ -501,10 +506,16 @@ class Util(types.ModuleType):
                 return node
         raise RuntimeError(f"could not find node {pattern}")
 
-    @staticmethod
     @contextlib.contextmanager
-    def tryWithErrorDisplay(message: Optional[str] = None, waitCursor: bool = False):
-        yield
+    def tryWithErrorDisplay(self, message: Optional[str] = None, show: bool = True, waitCursor: bool = False):
+        try:
+            yield
+        except Exception as error:
+            self.errors.append(f"{message} {error}")
+            raise
+
+    def errorDisplay(self, text: str, windowTitle: Optional[str] = None, **kwargs: Any) -> None:
+        self.errors.append(text)
 
     class VTKObservationMixin:
         def __init__(self) -> None:
@@ -575,6 +586,8 @@ def parameterNodeWrapper(cls: type) -> type:
     for name in hints:
         setattr(cls, name, make_property(name))
     cls.__init__ = __init__  # type: ignore[misc]
+    cls.connectGui = lambda self, gui: 1  # type: ignore[attr-defined]
+    cls.disconnectGui = lambda self, tag: None  # type: ignore[attr-defined]
     cls.allParameters = dict(hints)  # type: ignore[attr-defined]
     return cls
 
@@ -610,6 +623,146 @@ class ScriptedLoadableModuleTest:
         pass
 
 
+# ------------------------------------------------------------------------------------------ Qt stand-ins
+
+class Signal:
+    def __init__(self) -> None:
+        self.slots: List[Any] = []
+
+    def connect(self, slot: Any) -> None:
+        self.slots.append(slot)
+
+
+class QTimer:
+    def __init__(self) -> None:
+        self.timeout = Signal()
+        self.active = False
+        self.interval = 0
+
+    def setInterval(self, msec: int) -> None:
+        self.interval = msec
+
+    def start(self) -> None:
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+
+
+class Widget:
+    """A widget of the .ui file: the properties Med3D.py sets and reads."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.text = ""
+        self.enabled = True
+        self.visible = True
+        self.value = 0
+        self.connections: Dict[str, Any] = {}
+
+    def connect(self, signal: str, slot: Any) -> None:
+        self.connections[signal] = slot
+
+    def hide(self) -> None:
+        self.visible = False
+
+    def show(self) -> None:
+        self.visible = True
+
+    def blockSignals(self, block: bool) -> bool:
+        return False
+
+
+class ComboBox(Widget):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.items: List[tuple] = []
+        self.currentIndex = -1
+
+    def clear(self) -> None:
+        self.items, self.currentIndex = [], -1
+
+    def addItem(self, text: str, data: Any = None) -> None:
+        self.items.append((text, data))
+        if self.currentIndex < 0:
+            self.currentIndex = 0
+
+    def itemData(self, index: int) -> Any:
+        return self.items[index][1] if 0 <= index < len(self.items) else None
+
+    def setCurrentText(self, text: str) -> None:
+        self.currentIndex = [t for t, _ in self.items].index(text)
+
+    @property
+    def currentText(self) -> str:
+        return self.items[self.currentIndex][0] if self.currentIndex >= 0 else ""
+
+    @property
+    def currentData(self) -> Any:
+        return self.itemData(self.currentIndex)
+
+
+class CheckableNodeComboBox(Widget):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.checked: List[Node] = []
+
+    def checkedNodes(self) -> List[Node]:
+        return list(self.checked)
+
+
+class PathLineEdit(Widget):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.currentPath = ""
+
+
+WIDGET_CLASSES = {"QComboBox": ComboBox, "qMRMLCheckableNodeComboBox": CheckableNodeComboBox,
+                  "ctkPathLineEdit": PathLineEdit}
+
+
+def widgets_from_ui(path: str) -> types.SimpleNamespace:
+    """One stand-in per named widget of a .ui file (what ``slicer.util.childWidgetVariables`` gives); combo
+    boxes get the items the .ui file lists."""
+    import xml.etree.ElementTree as ET
+
+    ui = types.SimpleNamespace()
+    for element in ET.parse(path).iter("widget"):
+        widget = WIDGET_CLASSES.get(element.get("class"), Widget)(element.get("name"))
+        for item in element.findall("item"):
+            widget.addItem(item.find("property/string").text)
+        setattr(ui, element.get("name"), widget)
+    return ui
+
+
+class SelectionNode:
+    def __init__(self) -> None:
+        self.activeTableID: Optional[str] = None
+
+    def SetActiveTableID(self, nodeId: str) -> None:
+        self.activeTableID = nodeId
+
+
+class ApplicationLogic:
+    def __init__(self) -> None:
+        self.selection = SelectionNode()
+        self.tablePropagations = 0
+
+    def GetSelectionNode(self) -> SelectionNode:
+        return self.selection
+
+    def PropagateTableSelection(self) -> None:
+        self.tablePropagations += 1
+
+
+class PlotsLogic:
+    def __init__(self) -> None:
+        self.shown: List[Node] = []
+
+    def ShowChartInLayout(self, chartNode: Node) -> None:
+        self.shown.append(chartNode)
+
+
 # ------------------------------------------------------------------------------------------------ install
 
 def install() -> types.ModuleType:
@@ -621,9 +774,12 @@ def install() -> types.ModuleType:
     for cls in NODE_CLASSES.values():
         setattr(slicer, cls.className, cls)
     slicer.vtkSegment = Segment
-    slicer.modules = types.SimpleNamespace(segmentations=types.SimpleNamespace(
-        logic=lambda: SegmentationsLogic(slicer)))
-    slicer.app = types.SimpleNamespace(processEvents=lambda: None)
+    plots = PlotsLogic()
+    slicer.modules = types.SimpleNamespace(
+        segmentations=types.SimpleNamespace(logic=lambda: SegmentationsLogic(slicer)),
+        plots=types.SimpleNamespace(logic=lambda: plots))
+    application = ApplicationLogic()
+    slicer.app = types.SimpleNamespace(processEvents=lambda: None, applicationLogic=lambda: application)
 
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = parameterNodeWrapper
@@ -648,8 +804,10 @@ def install() -> types.ModuleType:
 
     pytorch_utils.PyTorchUtilsLogic = PyTorchUtilsLogic  # type: ignore[attr-defined]
 
+    qt = types.ModuleType("qt")
+    qt.QTimer = QTimer  # type: ignore[attr-defined]
     modules = {"slicer": slicer, "slicer.util": slicer.util, "slicer.parameterNodeWrapper": wrapper,
-               "slicer.ScriptedLoadableModule": scripted, "qt": types.ModuleType("qt"),
+               "slicer.ScriptedLoadableModule": scripted, "qt": qt,
                "ctk": types.ModuleType("ctk"), "PyTorchUtils": pytorch_utils}
     for name, module in modules.items():
         if name not in REAL_INSTALL:

@@ -68,8 +68,8 @@ def evaluate_segmentation(args: argparse.Namespace, bundle: Any, reporter: Any) 
     from ..metrics import dice_per_label
     from ..volume import read_volume
 
-    cases = _segmentation_pairs(args)
     mapping = _label_map(args.label_map)
+    cases = _segmentation_pairs(args)
     names = {int(l["value"]): str(l["name"]) for l in bundle.labels}
     rows = []
     for n, case in enumerate(cases):

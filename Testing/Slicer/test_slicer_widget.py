@@ -1,0 +1,161 @@
+"""Med3DWidget's slots against the Slicer double, with stand-ins for the widgets of Med3D.ui: model lists and
+explanations, Apply turning into Cancel, results in the panel and a table, and the fine-tuning timer."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from med3dcore.errors import Med3DError
+from med3dcore.nets import build_model
+from med3dcore.volume import Volume
+from med3dcore.weights import save_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+UI = ROOT / "Med3DSlicer" / "Resources" / "UI" / "Med3D.ui"
+
+
+@pytest.fixture(scope="module")
+def nodule_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    architecture = {"backbone": {"depth": 10, "shortcut_type": "B", "preact": False},
+                    "head": {"type": "classifier", "num_classes": 2}}
+    net = build_model(architecture)
+    with torch.no_grad():
+        last = [m for m in net.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
+    folder = tmp_path_factory.mktemp("widget-models")
+    save_bundle(folder / "nodule.pt", net, architecture=architecture, task={"type": "classification", "name": "nodule"},
+                labels=[{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}], preprocessing={},
+                provenance={}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
+    return folder
+
+
+@pytest.fixture()
+def widget(slicer_double, nodule_model, monkeypatch):
+    """Med3DWidget as ``setup()`` leaves it, with widget stand-ins built from Med3D.ui."""
+    import slicer_double as double
+
+    monkeypatch.setenv("MED3D_MODELS", str(nodule_model))
+    slicer, med3d = slicer_double
+    panel = med3d.Med3DWidget(None)
+    panel.ui = double.widgets_from_ui(str(UI))
+    panel.logic = med3d.Med3DLogic()
+    panel.logic.progressCallback = panel.onProgress
+    panel.fillDeviceList()
+    panel.initializeParameterNode()
+    panel.updateModelList()
+    return slicer, med3d, panel
+
+
+def test_model_list_follows_the_task_and_explains_an_empty_list(widget) -> None:
+    slicer, _, panel = widget
+    assert panel.ui.taskComboBox.currentText == "Lung segmentation"
+    assert panel.ui.modelComboBox.items == []
+    assert "No lung segmentation model is in" in panel.ui.modelInfoLabel.text
+    assert "Add model file" in panel.ui.modelInfoLabel.text
+    assert not panel.ui.roiSelector.enabled and not panel.ui.trainingROIsSelector.visible
+    panel.ui.taskComboBox.setCurrentText("Nodule classification")
+    panel.updateModelList()
+    assert [text for text, _ in panel.ui.modelComboBox.items] == ["nodule"]
+    assert panel.ui.modelInfoLabel.text == ""
+    assert panel._parameterNode.modelPath.endswith("nodule.pt")
+    assert panel.ui.roiSelector.enabled and panel.ui.trainingROIsSelector.visible
+    assert [text for text, _ in panel.ui.startModelComboBox.items] == ["(from scratch)", "nodule"]
+
+
+def test_device_list_says_why_there_is_no_gpu(widget) -> None:
+    _, _, panel = widget
+    labels = [text for text, _ in panel.ui.deviceComboBox.items]
+    if torch.cuda.is_available():
+        assert labels[2].startswith("GPU (")
+    else:
+        assert labels == ["auto", "CPU"]
+        assert "CPU-only build" in panel.ui.deviceInfoLabel.text or "No GPU visible" in panel.ui.deviceInfoLabel.text
+    panel.onDeviceChosen(1)
+    assert panel._parameterNode.device == "cpu"
+
+
+def test_apply_classifies_and_shows_the_result(widget) -> None:
+    slicer, med3d, panel = widget
+    volume = Volume(np.full((20, 30, 30), -700, np.int16), spacing=(1.0, 1.0, 2.0))
+    from Med3DLib import geometry
+
+    array, matrix = geometry.node_data_from_volume(volume)
+    node = slicer.util.addVolumeFromArray(array, matrix, "ct")
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "n")
+    roi_node.SetCenter(-15.0, -15.0, 20.0)
+    roi_node.SetSize(10, 10, 10)
+    panel.ui.taskComboBox.setCurrentText("Nodule classification")
+    panel.updateModelList()
+    parameters = panel._parameterNode
+    parameters.inputVolume, parameters.roi, parameters.device = node, roi_node, "cpu"
+    panel.onApply()
+    assert panel.ui.resultsLabel.text == "benign: 0.25  malignant: 0.75  ->  malignant"
+    assert slicer.app.applicationLogic().GetSelectionNode().activeTableID == panel.logic.lastResultTable.GetID()
+    assert panel.ui.applyButton.text == "Apply" and not panel.ui.progressBar.visible and not panel._busy
+
+
+def test_apply_failure_is_shown_and_the_panel_reset(widget) -> None:
+    slicer, _, panel = widget
+    panel._parameterNode.inputVolume = None
+    with pytest.raises(Med3DError, match="no input volume"):
+        panel.onApply()
+    assert slicer.util.errors == ["Med3D failed. no input volume is selected; choose a CT volume in 'Input volume'"]
+    assert panel.ui.applyButton.text == "Apply" and not panel.ui.progressBar.visible
+
+
+def test_apply_while_busy_is_cancel(widget) -> None:
+    _, _, panel = widget
+    panel._busy = True
+    panel.onApply()
+    assert panel.logic.cancelRequested
+
+
+FAKE_ENGINE = """
+import json, sys
+for step in (1, 2):
+    print(json.dumps({"kind": "progress", "stage": "finetune", "step": step, "total": 2,
+                      "metrics": {"loss": 1.0 / step}}), flush=True)
+"""
+
+
+def test_fine_tuning_timer_updates_the_panel_until_done(widget, tmp_path) -> None:
+    """The timer slot with a background run of a FAKE engine script (same JSON-lines protocol)."""
+    slicer, med3d, panel = widget
+    script = tmp_path / "fake_engine.py"
+    script.write_text(FAKE_ENGINE)
+    panel._run = med3d.FinetuneRun([sys.executable, str(script)], str(tmp_path / "new.pt"), str(tmp_path)).start()
+    panel._timer.start()
+    for _ in range(400):
+        panel.onTimer()
+        if not panel._timer.active:
+            break
+        time.sleep(0.05)
+    assert not panel._timer.active
+    assert panel.ui.finetuneStatusLabel.text == f"Saved the new model as {tmp_path / 'new.pt'}"
+    assert panel.ui.finetuneButton.text == "Start fine-tuning" and not panel.ui.resumeButton.enabled
+    assert slicer.modules.plots.logic().shown == [panel._run.plotChartNode]  # shown once, not on every tick
+
+
+def test_cancel_then_resume_is_offered(widget, tmp_path) -> None:
+    slicer, med3d, panel = widget
+    script = tmp_path / "slow_engine.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    panel._run = med3d.FinetuneRun([sys.executable, str(script)], str(tmp_path / "new.pt"), str(tmp_path)).start()
+    panel._timer.start()
+    panel.onFinetune()  # the button reads "Cancel" while the run goes on
+    for _ in range(100):
+        panel.onTimer()
+        if not panel._timer.active:
+            break
+        time.sleep(0.05)
+    assert panel._run.process.cancelled and not panel._run.process.running
+    assert panel.ui.finetuneStatusLabel.text.startswith("Cancelled.")
+    assert panel.ui.resumeButton.enabled and slicer.util.errors == []
