@@ -68,6 +68,7 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.cancelRequested = False
+        self.lastWarnings: List[str] = []
         # Called with (fraction or None, text) during in-process work; the widget updates its progress bar.
         self.progressCallback: Optional[Callable[[Optional[float], str], None]] = None
 
@@ -199,6 +200,7 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
 
         self.cancelRequested = False
         result = infer.segment(volume, modelPath, task=task, device=device, reporter=self._reporter)
+        self.lastWarnings = list(result.warnings)  # e.g. an MR given to a CT model; the panel shows them
         for warning in result.warnings:
             logging.warning(f"Med3D: {warning}")
         name = f"{volumeNode.GetName()} {task}"
@@ -261,6 +263,7 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
         from med3dcore import infer
 
         result = infer.classify(volume, modelPath, roi=(centerLPS, sizeMM), device=device)
+        self.lastWarnings = list(getattr(result, "warnings", []))
         probabilities = {str(k): float(v) for k, v in result.probabilities.items()}
         if tableNode is None:
             tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"{roiNode.GetName()} Med3D")
@@ -643,6 +646,8 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else:
                     node = self.logic.segment(parameters.inputVolume, task, model, parameters.device)
                     self.ui.resultsLabel.text = f"Created '{node.GetName()}'"
+                if self.logic.lastWarnings:
+                    self.ui.resultsLabel.text += "\nWarning: " + "\nWarning: ".join(self.logic.lastWarnings)
         finally:
             self._busy = False
             self.logic.cancelRequested = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -93,6 +93,15 @@ def grouped_split(groups: Sequence[str], val_fraction: float = 0.2, strata: Opti
 
 
 # ------------------------------------------------------------------------------------- model and rates
+def clear_checkpoints(run_dir: Path) -> None:
+    """Remove the training checkpoints of an earlier run under ``run_dir`` (asked for with ``overwrite``);
+    the preprocessing cache stays."""
+    import shutil
+
+    for folder in sorted(Path(run_dir).glob("**/checkpoints")):
+        shutil.rmtree(folder)
+
+
 def default_lr(pretrained: bool) -> float:
     """The paper's learning rate: 0.001 from pretrained weights, 0.01 from scratch."""
     return 1e-3 if pretrained else 1e-2
@@ -289,6 +298,8 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     bundle_path = out_dir / f"{name}.pt"
     if bundle_path.exists() and not (overwrite or resume):
         raise Med3DError(f"{bundle_path} exists; choose another --name or pass --overwrite")
+    if overwrite and not resume:
+        clear_checkpoints(out_dir / name)
     labels = np.array([c.label for c in cases], dtype=np.int64)
     if cubes is None:
         cubes = prepare_cases(cases, spec, reporter)
@@ -539,6 +550,8 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
     bundle_path = out_dir / f"{name}.pt"
     if bundle_path.exists() and not (overwrite or resume):
         raise Med3DError(f"{bundle_path} exists; choose another --name or pass --overwrite")
+    if overwrite and not resume:
+        clear_checkpoints(out_dir / name)
     if preset is not None and preset not in PRESETS:
         raise Med3DError(f"unknown preset '{preset}'; choose {', '.join(PRESETS)}")
     cfg: Dict[str, Any] = dict(PRESETS[preset]) if preset else {"head": {"type": "lung_decoder"}, "window": None,

@@ -89,8 +89,8 @@ class _DomainLossReporter:
             name, loss = metrics["domain"], float(metrics["loss"])
             old = self.losses.get(name)
             self.losses[name] = loss if old is None else 0.8 * old + 0.2 * loss
-            event = dict(event, metrics={"loss": loss, "domain": name,
-                                         **{f"loss[{n}]": self.losses[n] for n in self.names if n in self.losses}})
+            event = dict(event, metrics={**metrics, **{f"loss[{n}]": self.losses[n] for n in self.names
+                                                       if n in self.losses}})
         self.inner(event)
 
 

@@ -23,9 +23,11 @@ Data parallel (torchrun): every rank draws the same step plan and trains on its 
 are averaged with one all-reduce per step (gloo on CPU, NCCL on CUDA); rank 0 alone writes checkpoints and
 reports. BatchNorm statistics are per micro-batch: the batch a process holds is split into micro-batches of
 ``config.micro_batch`` samples (default: all of them), each is forwarded and back-propagated on its own and the
-gradients averaged. So a single process with ``batch_size=4, micro_batch=2`` computes exactly what two torchrun
-ranks with two samples each compute, and MedicalNet's plain BatchNorm layers are kept unchanged (SyncBatchNorm is
-GPU-only and would change per-process semantics anyway). Gradients are averaged with explicit all-reduces rather
+gradients averaged; each micro-batch updates the BatchNorm running statistics from the same starting values and
+the results are averaged (over micro-batches, then over ranks). So a single process with ``batch_size=4,
+micro_batch=2`` computes what two torchrun ranks with two samples each compute (up to float summation order), and
+MedicalNet's plain BatchNorm layers are kept unchanged (SyncBatchNorm is GPU-only and would change the result
+with the number of processes). Gradients are averaged with explicit all-reduces rather
 than ``DistributedDataParallel`` because a pretraining step uses one domain branch only: parameters without a
 gradient must stay untouched (no zero-gradient Adam update), which explicit reduction of the parameters that do
 have a gradient guarantees; every rank trains the same branch at a given step.
@@ -418,6 +420,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     if per_rank % micro:
         raise Med3DError(f"each process holds {per_rank} samples per step, not a multiple of micro_batch {micro}")
     parts = per_rank // micro
+    bn_stats = _running_stats(model)
 
     for step in range(start_step + 1, config.total_steps + 1):
         batch = next_batch(step)
@@ -426,7 +429,11 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
             raise Med3DError(f"next_batch gave {n} samples at step {step}, expected {per_rank} per process")
         optimizer.zero_grad(set_to_none=True)  # None grads: Adam leaves those parameters untouched
         total_loss, metrics_sum, text = 0.0, {}, {}
+        bn_start = [b.clone() for b in bn_stats] if parts > 1 else []
+        bn_sum = [torch.zeros_like(b) for b in bn_start]
         for piece in split_batch(batch, parts):
+            for b, b0 in zip(bn_stats, bn_start):  # every micro-batch updates from the same running statistics
+                b.copy_(b0)
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 loss, metrics = compute_loss(model, piece)
@@ -438,8 +445,12 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
                 else:
                     text[k] = v
             scaler.scale(loss / parts).backward()  # even when non-finite: ranks must reduce the same grads
+            for acc, b in zip(bn_sum, bn_stats):
+                acc += b
+        for b, acc in zip(bn_stats, bn_sum):
+            b.copy_(acc / parts)
         if ctx.world_size > 1:
-            total_loss = _average_grads_and_loss(model, total_loss, ctx.world_size)
+            total_loss = _average_grads_and_loss(model, total_loss, ctx.world_size, bn_stats)
         if not math.isfinite(total_loss):
             raise _nan_error(step, total_loss, text, last_path, last_saved_step)
         if config.grad_clip is not None:
@@ -480,18 +491,30 @@ def _broadcast_model(model: nn.Module) -> None:
         dist.broadcast(tensor, src=0)
 
 
-def _average_grads_and_loss(model: nn.Module, loss: float, world_size: int) -> float:
-    """Average the gradients that exist (the same parameters on every rank) and the loss over all ranks."""
+def _running_stats(model: nn.Module) -> List[torch.Tensor]:
+    """BatchNorm running means and variances: averaged over micro-batches and ranks after every step."""
+    stats = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            stats += [module.running_mean, module.running_var]
+    return stats
+
+
+def _average_grads_and_loss(model: nn.Module, loss: float, world_size: int,
+                            stats: Sequence[torch.Tensor] = ()) -> float:
+    """Average over all ranks the gradients that exist (the same parameters on every rank, since all ranks train
+    the same branch), the BatchNorm running statistics and the loss; returns the mean loss."""
     import torch.distributed as dist
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    device = grads[0].device if grads else next(model.parameters()).device
-    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss], dtype=torch.float32, device=device)])
+    tensors = [p.grad for p in model.parameters() if p.grad is not None] + list(stats)
+    device = tensors[0].device if tensors else next(model.parameters()).device
+    flat = torch.cat([t.reshape(-1).float() for t in tensors] +
+                     [torch.tensor([loss], dtype=torch.float32, device=device)])
     dist.all_reduce(flat)
     flat /= world_size
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
     return float(flat[-1])
 
 

@@ -158,9 +158,9 @@ def _load_failure(path: Path, head: bytes, exc: Exception) -> str:
     suspicious = [n for n in _pickle_imports(path, head) if not n.startswith(_SAFE_GLOBAL_PREFIXES)]
     culprit = suspicious[0] if suspicious else (blocked.group(1) if blocked else None)
     if culprit:
-        return (f"refused to load {path}: it asks to import or call '{culprit}', which a weights file "
-                f"never needs, so it may be malicious (nothing from it was run); use checkpoints from trusted "
-                f"sources only, or re-save plain tensors with torch.save")
+        return (f"refused to load {path}: it asks to import or call '{culprit}', which plain weights never "
+                f"need and which could run code (nothing from it was run); use checkpoints from trusted sources "
+                f"only, or re-save plain tensors with torch.save")
     if "Weights only load failed" in text or "Unpickl" in type(exc).__name__:
         if head.startswith(b"PK"):
             return (f"refused to load {path}: it holds Python objects beyond tensors and plain containers "

@@ -14,7 +14,7 @@ from med3dcore.infer import classify, segment
 from med3dcore.metrics import accuracy, auc, dice
 from med3dcore.nets import build_model
 from med3dcore.phantoms import make_ct_phantom, make_nodule_crop
-from med3dcore.volume import read_volume, write_volume
+from med3dcore.volume import write_volume
 from med3dcore.weights import save_bundle
 
 BACKBONE = {"depth": 10, "shortcut_type": "B", "preact": False}

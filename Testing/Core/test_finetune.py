@@ -126,6 +126,7 @@ def test_cube_sampler_is_a_function_of_the_step():
     assert sorted(first_epoch.tolist()) == list(range(10))
 
 
+@pytest.mark.slow
 def test_classification_run_learns_phantom_nodules_and_writes_a_bundle(tmp_path):
     cases = read_nodule_table(str(_nodule_table(tmp_path)))
     spec = NoduleInputSpec(cube=16, spacing_mm=2.0)
@@ -167,6 +168,7 @@ def _phantom_domain(folder: Path, n: int, mapping: dict, names: dict):
     return domain_from_dict({"name": "phantoms", "modality": "CT", "labels": names, "cases": cases}, folder)
 
 
+@pytest.mark.slow
 def test_lung_preset_writes_a_bundle_that_segments(tmp_path):
     from med3dcore.infer import segment
 
@@ -188,6 +190,7 @@ def test_lung_preset_writes_a_bundle_that_segments(tmp_path):
     assert out.labels.shape == image.shape and out.labels.same_geometry(image)
 
 
+@pytest.mark.slow
 def test_liver_preset_has_two_stages(tmp_path):
     domain = _phantom_domain(tmp_path, 3, {2: 1, 3: 2}, {1: "liver", 2: "liver tumour"})
     result = finetune_segmentation(
@@ -210,3 +213,12 @@ def test_preset_rejects_unmapped_labels(tmp_path):
     domain = _phantom_domain(tmp_path, 2, {2: 5}, {5: "liver"})
     with pytest.raises(Med3DError, match="--label-map 5:1"):
         finetune_segmentation(domain, tmp_path / "out", "x", preset="liver")
+
+
+def test_chosen_validation_cases_must_not_share_a_patient(tmp_path):
+    domain = _phantom_domain(tmp_path, 3, {1: 1}, {1: "lung"})
+    with pytest.raises(Med3DError, match="share no patient"):
+        finetune_segmentation(domain, tmp_path / "out", "x", preset="lung", val_cases=["case0"],
+                              groups={"case0": "P", "case1": "P", "case2": "Q"})
+    with pytest.raises(Med3DError, match="must be case ids"):
+        finetune_segmentation(domain, tmp_path / "out", "x", preset="lung", val_cases=["nope"])

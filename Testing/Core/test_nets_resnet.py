@@ -158,8 +158,11 @@ def test_bad_arguments_raise_med3d_error(kwargs, message):
     assert message in str(info.value)
 
 
-def test_lower_case_shortcut_is_accepted():
-    assert resnet3d(10, "b", None).shortcut_type == "B"
+def test_lower_case_shortcut_and_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    net = resnet3d(np.int64(10), "b", np.int32(3))
+    assert (net.depth, net.shortcut_type, net.num_seg_classes) == (10, "B", 3)
+    assert type(net.depth) is int and net.conv_seg[-1].out_channels == 3
 
 
 @pytest.mark.parametrize("shape,dtype,message", [

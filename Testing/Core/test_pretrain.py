@@ -171,11 +171,15 @@ def test_torchrun_two_processes_match_one_process(phantom_config, tmp_path):
     ddp_losses = [e["metrics"]["loss"] for e in progress]
     single_losses = [r["loss"] for r in single.train.history]
     assert ddp_losses == pytest.approx(single_losses, rel=1e-4, abs=1e-5)
+    # Weights and BatchNorm running statistics agree too. Adam divides by sqrt(v): for the rare weights whose
+    # gradient is ~0, the different summation order (all-reduce vs micro-batch sum) moves them by up to ~lr/10.
     ddp_model = safe_load(tmp_path / "ddp" / "checkpoints" / "last.pt")["model"]
     single_model = safe_load(single.train.last_path)["model"]
     for key, value in single_model.items():
-        if value.is_floating_point() and "running" not in key:  # running BN stats differ by design (per rank)
-            assert torch.allclose(value, ddp_model[key], atol=1e-5, rtol=1e-4), key
+        if value.is_floating_point():
+            diff = (value - ddp_model[key]).abs()
+            assert float(diff.max()) < 2e-4, key
+            assert float((diff > 1e-5).float().mean()) < 1e-3, key
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -152,6 +152,7 @@ def test_micro_batches_equal_the_average_of_separate_halves(tmp_path):
     model = TinyNet()
     reference = TinyNet()
     reference.load_state_dict(model.state_dict())
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     batch = Batches().next_batch(1)
     config = TrainConfig(steps=1, batch_size=4, micro_batch=2, lr=0.01, device="cpu", schedule="constant")
     train(model, config, lambda step: batch, seg_loss, tmp_path)
@@ -161,6 +162,17 @@ def test_micro_batches_equal_the_average_of_separate_halves(tmp_path):
         reference.zero_grad()
         seg_loss(reference, half)[0].backward()
         grads.append([p.grad.clone() for p in reference.parameters()])
+    # BatchNorm running statistics: each half updates from the same start, the results are averaged.
+    bn = reference.encoder[1]
+    start = (initial["encoder.1.running_mean"], initial["encoder.1.running_var"])
+    updates = []
+    for half in split_batch(batch, 2):
+        bn.running_mean.copy_(start[0])
+        bn.running_var.copy_(start[1])
+        reference(half["image"])
+        updates.append((bn.running_mean.clone(), bn.running_var.clone()))
+    assert torch.allclose(model.encoder[1].running_mean, (updates[0][0] + updates[1][0]) / 2, atol=1e-6)
+    assert torch.allclose(model.encoder[1].running_var, (updates[0][1] + updates[1][1]) / 2, atol=1e-6)
     opt = torch.optim.Adam(reference.parameters(), lr=0.01)
     for p, g0, g1 in zip(reference.parameters(), *grads):
         p.grad = (g0 + g1) / 2

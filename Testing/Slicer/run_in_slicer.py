@@ -120,7 +120,7 @@ def run_checks() -> None:
         pairs.append((node, logic.segmentationFromLabels(engine_labels, [{"value": 1, "name": "lung"}], node,
                                                          f"small lung {index}")))
     run = logic.finetune("lung", pairs=pairs, epochs=1, newModelName="slicer-ci", device="cpu",
-                         extraArgs=["--patch", "16,32,32"])
+                         extraArgs=["--patch", "16,32,32", "--spacing", "6,6,6"])
     code = run.wait(900)
     check(code == 0 and run.failure() is None, f"fine-tuning failed: {run.failure()}")
     check(Path(run.output).is_file(), "the fine-tuned model was not saved")

@@ -1,4 +1,4 @@
-"""A small double of the Slicer Python API, for testing Med3D's thin Slicer code (``Med3D.py``) under pytest.
+"""A double of the parts of the Slicer Python API that Med3D uses, for testing ``Med3D.py`` under pytest.
 
 What it models, following DESIGN.md's "Facts about Slicer" (checked against Slicer 5.8-5.12 sources):
 - Scalar and label-map volume nodes that hold a (K, J, I) numpy array and an IJK-to-RAS matrix (real
@@ -17,7 +17,8 @@ What it models, following DESIGN.md's "Facts about Slicer" (checked against Slic
 - ``@parameterNodeWrapper`` resolves annotations with ``typing.get_type_hints`` (as Slicer does, so string
   annotations from ``from __future__ import annotations`` must resolve) and stores typed values with defaults.
 - ``slicer.util.confirmOkCancelDisplay``/``pip_install`` record their calls; the answer is settable.
-
+- The Terminologies logic's parsing rules for serialised entries (not its code tables), and ``SampleData``
+  with local files standing in for the named samples.
 - Qt, minimally: ``qt.QTimer`` (start/stop, no event loop: tests call the slot) and plain stand-ins for the
   widgets of Med3D.ui (:func:`widgets_from_ui` builds one per widget of the .ui file, by class) with the
   properties and calls the module uses; ``tryWithErrorDisplay`` records the message and re-raises, as Slicer's.
@@ -158,6 +159,13 @@ class ScalarVolumeNode(TransformableNode):
 
     def GetOrigin(self) -> tuple:
         return tuple(float(v) for v in self._ijkToRAS[:3, 3])
+
+    def GetRASBounds(self, bounds: List[float]) -> None:
+        """Bounds of the voxel corners in RAS (xmin, xmax, ymin, ymax, zmin, zmax)."""
+        k, j, i = self.array.shape
+        corners = np.array([[x, y, z, 1.0] for x in (-0.5, i - 0.5) for y in (-0.5, j - 0.5) for z in (-0.5, k - 0.5)])
+        ras = (self._ijkToRAS @ corners.T).T[:, :3]
+        bounds[:] = [float(v) for pair in zip(ras.min(axis=0), ras.max(axis=0)) for v in pair]
 
     def GetIJKToRASDirections(self, directions: List[List[float]]) -> None:
         unit = self._ijkToRAS[:3, :3] / np.linalg.norm(self._ijkToRAS[:3, :3], axis=0)
@@ -550,6 +558,67 @@ class SegmentationsLogic:
         return True
 
 
+class TerminologyCode:
+    def __init__(self) -> None:
+        self.code = ("", "", "")
+
+    def GetCodingSchemeDesignator(self) -> str:
+        return self.code[0]
+
+    def GetCodeValue(self) -> str:
+        return self.code[1]
+
+    def GetCodeMeaning(self) -> str:
+        return self.code[2]
+
+
+class TerminologyEntry:
+    def __init__(self) -> None:
+        self.context = ""
+        self.category, self.type = TerminologyCode(), TerminologyCode()
+
+    def GetTerminologyContextName(self) -> str:
+        return self.context
+
+    def GetCategoryObject(self) -> TerminologyCode:
+        return self.category
+
+    def GetTypeObject(self) -> TerminologyCode:
+        return self.type
+
+
+class TerminologiesLogic:
+    """Slicer's parsing rules for a serialised entry: 7 '~' parts, a context name, a non-empty category and
+    category/type of 3 '^' parts each. (Slicer also looks the codes up in its loaded terminologies; the double
+    does not have them.)"""
+
+    def DeserializeTerminologyEntry(self, serialised: str, entry: TerminologyEntry) -> bool:
+        parts = str(serialised).split("~")
+        if len(parts) != 7 or not parts[0] or parts[1] == "^^":
+            return False
+        category, kind = parts[1].split("^"), parts[2].split("^")
+        if len(category) != 3 or len(kind) != 3:
+            return False
+        entry.context = parts[0]
+        entry.category.code, entry.type.code = tuple(category), tuple(kind)
+        return True
+
+
+def sample_data_module(slicer_module: types.ModuleType, samples: Dict[str, str]) -> types.ModuleType:
+    """``SampleData.downloadSample(name)`` loading a local file in place of each named sample."""
+    module = types.ModuleType("SampleData")
+
+    def downloadSample(name: str) -> ScalarVolumeNode:
+        if name not in samples:
+            raise NotImplementedError(f"the Slicer double has no stand-in for sample {name}")
+        node = slicer_module.util.loadVolume(samples[name])
+        node.SetName(name)
+        return node
+
+    module.downloadSample = downloadSample  # type: ignore[attr-defined]
+    return module
+
+
 # -------------------------------------------------------------------------------------- parameterNodeWrapper
 
 class Choice:
@@ -765,8 +834,9 @@ class PlotsLogic:
 
 # ------------------------------------------------------------------------------------------------ install
 
-def install() -> types.ModuleType:
-    """Put ``slicer``, its submodules, ``qt``, ``ctk`` and ``PyTorchUtils`` into ``sys.modules``; a fresh scene."""
+def install(samples: Optional[Dict[str, str]] = None) -> types.ModuleType:
+    """Put ``slicer``, its submodules, ``qt``, ``ctk``, ``PyTorchUtils`` and ``SampleData`` (``samples``: sample
+    name -> local file standing in for it) into ``sys.modules``; a fresh scene."""
     slicer = types.ModuleType("slicer")
     slicer.__doc__ = "Slicer double (Testing/Slicer/slicer_double.py)"
     slicer.mrmlScene = Scene()
@@ -774,9 +844,11 @@ def install() -> types.ModuleType:
     for cls in NODE_CLASSES.values():
         setattr(slicer, cls.className, cls)
     slicer.vtkSegment = Segment
+    slicer.vtkSlicerTerminologyEntry = TerminologyEntry
     plots = PlotsLogic()
     slicer.modules = types.SimpleNamespace(
         segmentations=types.SimpleNamespace(logic=lambda: SegmentationsLogic(slicer)),
+        terminologies=types.SimpleNamespace(logic=lambda: TerminologiesLogic()),
         plots=types.SimpleNamespace(logic=lambda: plots))
     application = ApplicationLogic()
     slicer.app = types.SimpleNamespace(processEvents=lambda: None, applicationLogic=lambda: application)
@@ -808,7 +880,8 @@ def install() -> types.ModuleType:
     qt.QTimer = QTimer  # type: ignore[attr-defined]
     modules = {"slicer": slicer, "slicer.util": slicer.util, "slicer.parameterNodeWrapper": wrapper,
                "slicer.ScriptedLoadableModule": scripted, "qt": qt,
-               "ctk": types.ModuleType("ctk"), "PyTorchUtils": pytorch_utils}
+               "ctk": types.ModuleType("ctk"), "PyTorchUtils": pytorch_utils,
+               "SampleData": sample_data_module(slicer, samples or {})}
     for name, module in modules.items():
         if name not in REAL_INSTALL:
             REAL_INSTALL[name] = sys.modules.get(name)

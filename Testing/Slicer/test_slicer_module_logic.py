@@ -408,30 +408,6 @@ def test_finetune_refuses_an_existing_name_and_no_data(env, model_folder) -> Non
         logic.finetune("brain", folder="/data")
 
 
-@pytest.mark.slow
-def test_tiny_real_finetuning_run_from_scene_cases(env, tmp_path, monkeypatch) -> None:
-    """Scene cases -> export -> a real background ``python -m med3dcore.cli finetune --progress jsonl`` -> the new
-    model in the user's folder and in the model list."""
-    slicer, _, logic = env
-    folder = tmp_path / "my-models"
-    monkeypatch.setenv("MED3D_MODELS", str(folder))
-    pairs = []
-    for seed in range(2):
-        image, labels, _ = make_ct_phantom((16, 24, 24), (4.0, 4.0, 4.0), seed=seed)
-        volume_node = add_volume(slicer, image, f"phantom {seed}")
-        lung = labels.with_array((labels.array == 1).astype(np.uint8))
-        pairs.append((volume_node, logic.segmentationFromLabels(lung, LUNG_LABELS, volume_node, f"lung {seed}")))
-    run = logic.finetune("lung", pairs=pairs, epochs=1, learningRate=0.001, newModelName="scene lung",
-                         device="cpu", extraArgs=["--patch", "16,32,32"])
-    assert run.command[run.command.index("--steps") + 1] == "1"
-    code = run.wait(600)
-    assert code == 0 and run.failure() is None, run.process.stderr_tail()
-    assert run.state.losses and run.state.result is not None
-    assert Path(run.output) == folder / "scene_lung.pt" and Path(run.output).is_file()
-    assert [m.name for m in logic.availableModels("lung")] == ["scene_lung"]
-    assert run.plotChartNode is not None
-
-
 def test_the_modules_own_self_test_passes_against_the_double(env) -> None:
     slicer, med3d, _ = env
     med3d.Med3DTest().runTest()

@@ -159,3 +159,24 @@ def test_cancel_then_resume_is_offered(widget, tmp_path) -> None:
     assert panel._run.process.cancelled and not panel._run.process.running
     assert panel.ui.finetuneStatusLabel.text.startswith("Cancelled.")
     assert panel.ui.resumeButton.enabled and slicer.util.errors == []
+
+
+def test_engine_warnings_reach_the_panel(widget, monkeypatch) -> None:
+    """An MR volume given to a CT model: the engine's warning is shown under the result."""
+    slicer, med3d, panel = widget
+    from Med3DLib import geometry
+
+    volume = Volume(np.full((20, 30, 30), 300, np.int16), spacing=(1.0, 1.0, 2.0))  # no air: not CT-like
+    array, matrix = geometry.node_data_from_volume(volume)
+    node = slicer.util.addVolumeFromArray(array, matrix, "mr")
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "n")
+    roi_node.SetCenter(-15.0, -15.0, 20.0)
+    roi_node.SetSize(10, 10, 10)
+    panel.ui.taskComboBox.setCurrentText("Nodule classification")
+    panel.updateModelList()
+    parameters = panel._parameterNode
+    parameters.inputVolume, parameters.roi, parameters.device = node, roi_node, "cpu"
+    panel.onApply()
+    lines = panel.ui.resultsLabel.text.splitlines()
+    assert lines[0].endswith("->  malignant")
+    assert len(lines) >= 2 and lines[1].startswith("Warning: ")

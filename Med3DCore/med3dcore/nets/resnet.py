@@ -17,6 +17,7 @@ pre-activated input when the block has one. Since the sum leaving the last block
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Optional, Tuple, Type, Union
 
 import torch
@@ -279,14 +280,24 @@ def resnet3d(depth: int, shortcut_type: str = "B", num_seg_classes: Optional[int
         num_seg_classes: classes of MedicalNet's ``conv_seg`` head; ``None`` builds the encoder alone.
         preact: pre-activation blocks (BN-ReLU-conv) plus a ``final_bn`` after ``layer4``.
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth not in DEPTHS:
+    if _as_int(depth) not in DEPTHS:
         raise Med3DError(f"unknown ResNet depth {depth!r}; choose one of: {', '.join(str(d) for d in DEPTHS)}")
     kind = str(shortcut_type).upper() if isinstance(shortcut_type, str) else shortcut_type
     if kind not in SHORTCUT_TYPES:
         raise Med3DError(f"unknown shortcut type {shortcut_type!r}; choose 'A' (parameter-free, zero-padded "
                          f"identity) or 'B' (1x1x1 convolution + batch norm)")
-    if num_seg_classes is not None and (isinstance(num_seg_classes, bool) or not isinstance(num_seg_classes, int)
-                                        or num_seg_classes < 1):
+    classes = None if num_seg_classes is None else _as_int(num_seg_classes)
+    if num_seg_classes is not None and (classes is None or classes < 1):
         raise Med3DError(f"num_seg_classes must be a positive integer or None (encoder only), got "
                          f"{num_seg_classes!r}")
-    return ResNet3D(depth, kind, num_seg_classes, bool(preact))
+    return ResNet3D(int(depth), kind, classes, bool(preact))
+
+
+def _as_int(value: object) -> Optional[int]:
+    """An integer given as any integer type (numpy's too), else None; bools and floats are not integers here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
