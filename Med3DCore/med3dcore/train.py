@@ -330,6 +330,8 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(".*.pt.*.tmp"):  # a write cut short by a kill (the real file is intact)
+            stale.unlink()
 
     model.to(device)
     model.train()
@@ -362,7 +364,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         start_step = int(ckpt["step"])
         history = json.loads(ckpt["history"])
         best = json.loads(ckpt["best"]) if ckpt.get("best") else None
-    elif ctx.is_main and last_path.exists():
+    elif last_path.exists():
         raise Med3DError(f"{last_path} exists from an earlier run; pass --resume to continue it or choose a new "
                          "output folder")
     if ctx.world_size > 1:
@@ -440,10 +442,10 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
             value = float(loss.detach())
             total_loss += value / parts
             for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / parts
-                else:
+                if isinstance(v, str):
                     text[k] = v
+                else:  # numbers, numpy or one-element torch scalars: averaged over micro-batches
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / parts
             scaler.scale(loss / parts).backward()  # even when non-finite: ranks must reduce the same grads
             for acc, b in zip(bn_sum, bn_stats):
                 acc += b
@@ -464,9 +466,8 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         record = {"step": step, "loss": total_loss, **text, **metrics_sum}
         history.append(record)
         if ctx.is_main and (step % config.log_every == 0 or step == config.total_steps):
-            reporter(make_event(stage, step, config.total_steps,
-                                    metrics={"loss": total_loss, **text, **metrics_sum,
-                                             "lr": optimizer.param_groups[-1]["lr"]}))
+            reporter(make_event(stage, step, config.total_steps, metrics={
+                "loss": total_loss, **text, **metrics_sum, "lr": optimizer.param_groups[-1]["lr"]}))
         if config.validate_every and step % config.validate_every == 0:
             run_validation(step)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step != config.total_steps:

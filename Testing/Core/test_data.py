@@ -245,3 +245,13 @@ def test_real_five_domain_config_validates(data_dir, monkeypatch):
     d = run.domains[4]
     image, labels = preprocess_case(d.cases[0], d, _spec(d, spacings["ct_3slice"]))
     assert image.shape == labels.shape == (3, 512, 512) and set(np.unique(labels)) == {0, 1, 2, 3}
+
+
+def test_example_phantom_config_matches_the_generated_one(phantom_config, monkeypatch):
+    monkeypatch.setenv("MED3D_PHANTOMS", str(phantom_config.parent))
+    example = load_run_config(os.path.join(os.path.dirname(__file__), "..", "configs", "phantom.yaml"))
+    generated = load_run_config(phantom_config)
+    assert [(d.name, d.modality, d.label_names, [c.image for c in d.cases], [c.label for c in d.cases])
+            for d in example.domains] == \
+        [(d.name, d.modality, d.label_names, [c.image for c in d.cases], [c.label for c in d.cases])
+         for d in generated.domains]

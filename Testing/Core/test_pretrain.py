@@ -141,7 +141,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(phantom_config, tmp_p
         assert torch.allclose(value.float(), resumed[key].float(), atol=1e-5, rtol=1e-5), key
     losses = [r["loss"] for r in json.loads(safe_load(out / "checkpoints" / "last.pt")["history"])]
     assert losses == pytest.approx([r["loss"] for r in reference.train.history], rel=1e-5)
-    assert not list((out / "checkpoints").glob(".*.tmp"))  # an interrupted write leaves no stray file behind
+    assert not list((out / "checkpoints").glob(".*.tmp"))  # a write cut short would be cleaned up on resume
 
 
 def _free_port():

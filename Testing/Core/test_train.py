@@ -87,7 +87,10 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(TinyNet(), config, crashing.next_batch, seg_loss, tmp_path / "part", stateful={"sampler": crashing})
     assert safe_load(tmp_path / "part" / "checkpoints" / "last.pt")["step"] == 3
+    stale = tmp_path / "part" / "checkpoints" / ".last.pt.k1ll3d.tmp"  # what a kill during a save leaves
+    stale.write_bytes(b"half a checkpoint")
     resumed, result = _run(tmp_path / "part", steps=7, resume=True, checkpoint_every=3, init_seed=123)
+    assert not stale.exists()
     assert [r["step"] for r in result.history] == list(range(1, 8))
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
