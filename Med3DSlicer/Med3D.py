@@ -22,7 +22,7 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -55,8 +55,9 @@ class Med3DParameterNode:
     roi: vtkMRMLMarkupsROINode
     modelPath: str = ""
     device: str = "auto"
-    epochs: int = 10
-    learningRate: float = 0.001
+    # Binding a spin box sets its range from these validators (without them: the whole int/float range).
+    epochs: Annotated[int, WithinRange(1, 10000)] = 10
+    learningRate: Annotated[float, WithinRange(0.00001, 1.0)] = 0.001
     newModelName: str = "my-model"
 
 
@@ -238,9 +239,15 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
         finally:
             slicer.mrmlScene.RemoveNode(labelNode)
             slicer.mrmlScene.RemoveNode(colorNode)
+        # The import adds one segment per label value, in increasing order. Names are set here rather than left
+        # to the import: Slicer names a lone label's segment after the label map node in some versions.
         segmentation = segmentationNode.GetSegmentation()
-        for spec in specs:
-            segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(spec.name))
+        if segmentation.GetNumberOfSegments() != len(specs):
+            raise Med3DError(f"importing the result gave {segmentation.GetNumberOfSegments()} segments instead of "
+                             f"{len(specs)}; please report this with the Python console's output")
+        for index, spec in enumerate(specs):
+            segment = segmentation.GetSegment(segmentation.GetNthSegmentID(index))
+            segment.SetName(spec.name)
             segment.SetColor(*spec.color)
             segment.SetTag(segment.GetTerminologyEntryTagName(), spec.terminology)
         segmentationNode.CreateClosedSurfaceRepresentation()  # shows it in 3D
@@ -565,6 +572,8 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
 
     def updateModelList(self, *unused) -> None:
+        if self.ui.taskComboBox.currentIndex < 0:
+            return  # binding the parameter node empties and refills the task list; called again once refilled
         combo = self.ui.modelComboBox
         combo.blockSignals(True)
         combo.clear()

@@ -171,8 +171,9 @@ def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping
     """One domain from a config entry (see the module docstring); relative paths are relative to ``base``."""
     env = env or {}
     name = str(entry.get("name") or "")
-    if not name:
-        raise Med3DError(f"a domain entry lacks a 'name': {dict(entry)}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise Med3DError(f"every domain needs a 'name' of letters, digits, '_' or '-' (it names the domain's "
+                         f"branch), got {name!r}")
     sources = [k for k in ("images", "csv", "dataset_json", "cases") if k in entry]
     if len(sources) != 1:
         raise Med3DError(f"domain '{name}' must give exactly one of images+masks, csv, dataset_json or cases "
@@ -204,6 +205,9 @@ def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping
             raise Med3DError(f"domain '{name}': 'labels' must map integer values to names") from None
     if not names:
         raise Med3DError(f"domain '{name}' has no label names; add 'labels': {{1: 'organ', ...}}")
+    if min(names) < 1 or max(names) > 255:
+        raise Med3DError(f"domain '{name}': label values must be 1..255 (0 is background), got {sorted(names)}; "
+                         "map large source values to small ones with 'label_map'")
     if not cases:
         raise Med3DError(f"domain '{name}' has no cases")
     label_map = None
@@ -431,9 +435,10 @@ class PreparedCases:
         if not (image_path.is_file() and label_path.is_file()):
             image, labels = preprocess_case(self.domains[d].cases[c], self.domains[d], self.specs[d])
             image_path.parent.mkdir(parents=True, exist_ok=True)
-            stem = image_path.name.split("-")[0]
-            for old in image_path.parent.glob(f"{stem}-*.npy"):  # entries of older sources or specs
-                old.unlink()
+            stem = image_path.name.rsplit("-", 1)[0]
+            for old in image_path.parent.glob("*.npy"):  # this case's entries of older sources or specs
+                if old.name.rsplit("-", 1)[0] == stem:
+                    old.unlink()
             _atomic_npy(image_path, image)
             _atomic_npy(label_path, labels)
         pair = (np.load(image_path, mmap_mode="r"), np.load(label_path, mmap_mode="r"))

@@ -591,9 +591,12 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
                            "input_size": None}
         extra["margin_mm"] = float(cfg["margin_mm"])
         coarse_info = {"best": coarse_prov["best"], "spacing": list(coarse["spacing"])}
+    fine_dir = run_dir / "fine" if coarse_info else run_dir
+    # A run interrupted during the coarse stage has no fine-stage checkpoint yet: that stage starts afresh.
+    fine_resume = resume and (not coarse_info or (fine_dir / "checkpoints" / "last.pt").exists())
     model, provenance, spec = _run_stage(train_domain, val_domain, spacing, head, patch, settings.steps, settings,
-                                         init, backbone, values, run_dir / "fine" if coarse_info else run_dir,
-                                         reporter, resume, "finetune", rotate=preset == "liver")
+                                         init, backbone, values, fine_dir, reporter, fine_resume, "finetune",
+                                         rotate=preset == "liver")
     metrics = (provenance["best"] or {}).get("metrics", {})
     weights.save_bundle(
         bundle_path, model, architecture=provenance["architecture"],

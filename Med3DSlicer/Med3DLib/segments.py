@@ -49,12 +49,13 @@ def _parse_code(code: str) -> Optional[Tuple[str, str, str]]:
 def terminology_string(type_code: Optional[str], name: str) -> str:
     """Slicer's serialised terminology entry for a type code like ``SCT^39607008^Lung``.
 
-    Without a valid code the segment gets the generic "Tissue" type so Slicer still shows a valid entry,
-    with the segment's own name as meaning.
+    Without a valid code the segment gets the generic "Tissue" type (category and type ``SCT^85756007^Tissue``,
+    as in Slicer's General Anatomy list) so Slicer still shows a valid entry; the segment's name says the rest
+    (a code's meaning is the code's, never the segment's name, or a DICOM export would carry a wrong meaning).
     """
     parsed = _parse_code(type_code) if type_code else None
     if parsed is None:
-        category, type_part = TISSUE, f"SCT^85756007^{name or 'Tissue'}"
+        category, type_part = TISSUE, TISSUE
     else:
         scheme, value, meaning = parsed
         category = ALTERED_STRUCTURE if value in ALTERED_TYPES else ANATOMICAL_STRUCTURE

@@ -56,6 +56,9 @@ def test_folder_pair_matches_nnunet_names_and_reports_unmatched(tmp_path):
 
 @pytest.mark.parametrize("entry,message", [
     ({"name": "x", "csv": "a.csv", "images": "i"}, "exactly one of"),
+    ({"name": "ct.abdomen", "csv": "a.csv"}, "needs a 'name' of letters"),
+    ({"name": "x", "cases": [{"image": "a.nii.gz", "label": "b.nii.gz"}], "labels": {300: "rib"}},
+     "label values must be 1..255"),
     ({"name": "x", "images": "i"}, "no 'masks' folder"),
     ({"name": "x", "cases": [{"image": "a.nii.gz", "label": "b.nii.gz"}]}, "no label names"),
     ({"name": "x", "cases": [{"image": "a.nii.gz", "label": "b.nii.gz"}], "labels": {1: "a"},

@@ -3,30 +3,43 @@
 What it models, following DESIGN.md's "Facts about Slicer" (checked against Slicer 5.8-5.12 sources):
 - Scalar and label-map volume nodes that hold a (K, J, I) numpy array and an IJK-to-RAS matrix (real
   ``vtk.vtkMatrix4x4``); ``slicer.util.arrayFromVolume`` returns a *view*, ``updateVolumeFromArray`` and
-  ``addVolumeFromArray`` deep-copy and reject int64; ``GetSpacing``/``GetOrigin`` are (I, J, K) and RAS;
-  ``GetIJKToRASDirections`` has columns I, J, K; ``loadVolume`` reads a file with SimpleITK and converts its LPS
+  ``addVolumeFromArray`` deep-copy and reject int64 (Slicer does where numpy's int64 is VTK's long long, as on
+  Windows; on Linux it maps to long and passes: code must avoid it everywhere); ``addVolumeFromArray`` creates
+  the display nodes; ``GetSpacing``/``GetOrigin`` are (I, J, K) and RAS; ``GetIJKToRASDirections`` has columns
+  I, J, K; ``loadVolume`` reads a file with SimpleITK and converts its LPS
   geometry to RAS (negating the first two rows), as Slicer's reader does. Parent transforms are recorded but,
   as in Slicer, not included in the arrays or the IJK-to-RAS matrix.
-- Segmentation nodes: ``ImportLabelmapToSegmentationNode`` makes one segment per label value present in the
-  label map, named and coloured from the label map's colour table (values missing from the table get
-  ``Label_<value>``), ordered by value; segments carry tags (``SetTag``/``GetTag`` with ``vtk.reference``),
+- Segmentation nodes: ``ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode)`` appends one segment
+  per label value present in the label map, in increasing order, coloured from the label map's colour table
+  and named from it; a value the table does not name is ``Label_<value>``, unless it is the only label: then
+  the segment takes the label-map node's name (Slicer 5.8's rule; Slicer 4.11-5.6 did that for a lone label
+  even when the table named it). Segments carry tags (``SetTag``/``GetTag`` with ``vtk.reference``),
   ``GetTerminologyEntryTagName()`` is ``"TerminologyEntry"``; ``arrayFromSegmentBinaryLabelmap`` returns the
   mask on a reference volume's grid.
 - Markups ROI nodes (centre, size, orientation, world = node coordinates), table nodes holding a real
   ``vtk.vtkTable``, plot series/chart nodes, colour table nodes, the crosshair, a scene with node IDs.
 - ``@parameterNodeWrapper`` resolves annotations with ``typing.get_type_hints`` (as Slicer does, so string
-  annotations from ``from __future__ import annotations`` must resolve) and stores typed values with defaults.
+  annotations from ``from __future__ import annotations`` must resolve) and stores typed values with defaults;
+  the ``Choice`` and ``WithinRange`` validators raise ``ValueError`` on a bad write (defaults included).
+  ``connectGui(ui)`` does what Slicer's GUI connectors do when binding, for the widgets whose .ui property
+  ``SlicerParameterName`` names a parameter: a QComboBox is emptied and refilled with the ``Choice`` values
+  (an error without one), a QSpinBox/QDoubleSpinBox gets its range from ``WithinRange`` (else the whole
+  int range / -inf..inf, replacing the .ui file's), a qMRMLNodeComboBox its node type; then each shows the
+  parameter's value. Widget-to-parameter updates are not modelled.
 - ``slicer.util.confirmOkCancelDisplay``/``pip_install`` record their calls; the answer is settable.
 - The Terminologies logic's parsing rules for serialised entries (not its code tables), and ``SampleData``
   with local files standing in for the named samples.
 - Qt, minimally: ``qt.QTimer`` (start/stop, no event loop: tests call the slot) and plain stand-ins for the
   widgets of Med3D.ui (:func:`widgets_from_ui` builds one per widget of the .ui file, by class) with the
-  properties and calls the module uses; ``tryWithErrorDisplay`` records the message and re-raises, as Slicer's.
+  properties and calls the module uses; a combo box calls the slot connected to ``currentIndexChanged(int)``
+  when its current index changes, as Qt does; ``tryWithErrorDisplay`` records the message and re-raises, as
+  Slicer's.
 
-What it does not model: real Qt (layouts, signals, painting, dialogs), the parameter node's GUI binding
-(``connectGui`` only returns a tag), rendering, closed-surface generation (only a flag),
-resampling of segments onto a different grid (raises ``NotImplementedError``), transforms other than the
-parent-transform reference, MRML events/observers, storage nodes and scene saving.
+What it does not model: real Qt (layouts, other signals, painting, dialogs), testing mode
+(``slicer.app.testingEnabled()``: Slicer's confirmation dialogs then answer yes by themselves), rendering,
+closed-surface generation (only a flag), resampling of segments onto a different grid (raises
+``NotImplementedError``), transforms other than the parent-transform reference, MRML events/observers,
+storage nodes and scene saving.
 """
 from __future__ import annotations
 
@@ -34,6 +47,7 @@ import contextlib
 import sys
 import types
 import typing
+import unittest
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -218,6 +232,9 @@ class Segment:
 
     def GetName(self) -> str:
         return self._name
+
+    def SetName(self, name: str) -> None:
+        self._name = name  # the segment keeps the ID it was added under, as in Slicer
 
     def SetColor(self, r: float, g: float, b: float) -> None:
         self._color = (r, g, b)
@@ -454,9 +471,11 @@ class Util(types.ModuleType):
         array = np.asarray(array)
         if array.dtype == np.int64:
             raise RuntimeError("Unsupported numpy array type: long long")
-        if array.ndim != 3:
+        if array.ndim == 4:
+            raise NotImplementedError("the Slicer double has no vector volumes")
+        if array.ndim > 4:
             raise RuntimeError(f"Unsupported numpy array shape: {array.shape}")
-        node.array = np.array(array, copy=True)
+        node.array = np.array(array, copy=True).reshape((1,) * (3 - array.ndim) + array.shape)  # 1-2D: one slice
         node.Modified()
 
     def addVolumeFromArray(self, array: np.ndarray, ijkToRAS: Any = None, name: Optional[str] = None,
@@ -465,6 +484,7 @@ class Util(types.ModuleType):
         if ijkToRAS is not None:
             node.SetIJKToRASMatrix(_array_to_matrix(ijkToRAS))
         self.updateVolumeFromArray(node, array)
+        node.CreateDefaultDisplayNodes()
         return node
 
     @staticmethod
@@ -492,10 +512,16 @@ class Util(types.ModuleType):
         return self.addVolumeFromArray(array, ijkToRAS, name, className)
 
     def arrayFromSegmentBinaryLabelmap(self, segmentationNode: SegmentationNode, segmentId: str,
-                                       referenceVolumeNode: ScalarVolumeNode) -> np.ndarray:
+                                       referenceVolumeNode: Optional[ScalarVolumeNode] = None) -> np.ndarray:
+        if referenceVolumeNode is None:
+            referenceVolumeNode = segmentationNode.GetNodeReference(
+                segmentationNode.GetReferenceImageGeometryReferenceRole())
+            if referenceVolumeNode is None:
+                raise RuntimeError("No reference volume is found in the input segmentationNode, therefore a valid "
+                                   "referenceVolumeNode input is required.")
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         if segment is None:
-            raise ValueError(f"no segment {segmentId}")
+            raise RuntimeError("Export of segment failed.")
         if not np.allclose(segment.ijkToRAS, referenceVolumeNode._ijkToRAS) or \
                 segment.mask.shape != referenceVolumeNode.array.shape:
             raise NotImplementedError("the Slicer double does not resample segments onto another grid")
@@ -505,14 +531,19 @@ class Util(types.ModuleType):
         self.confirmations.append(text)
         return self.confirmAnswer
 
-    def pip_install(self, requirements: str) -> None:
+    def pip_install(self, requirements: Any) -> None:
+        if not isinstance(requirements, (str, list)):  # as Slicer: a string (split like a shell) or a list
+            raise ValueError("pip_install requirement input must be string or list")
         self.pipInstalls.append(requirements)
+
+    class MRMLNodeNotFoundException(Exception):
+        pass
 
     def getNode(self, pattern: str) -> Node:
         for node in self._slicer.mrmlScene._nodes.values():
             if node.GetName() == pattern or node.GetID() == pattern:
                 return node
-        raise RuntimeError(f"could not find node {pattern}")
+        raise self.MRMLNodeNotFoundException(f"could not find nodes in the scene by name or id '{pattern}'")
 
     @contextlib.contextmanager
     def tryWithErrorDisplay(self, message: Optional[str] = None, show: bool = True, waitCursor: bool = False):
@@ -529,7 +560,7 @@ class Util(types.ModuleType):
         def __init__(self) -> None:
             self.observations: List[tuple] = []
 
-        def addObserver(self, obj: Any, event: Any, method: Any) -> None:
+        def addObserver(self, obj: Any, event: Any, method: Any, group: str = "none", priority: float = 0.0) -> None:
             self.observations.append((obj, event, method))
 
         def removeObservers(self) -> None:
@@ -541,18 +572,21 @@ class SegmentationsLogic:
         self._slicer = slicer_module
 
     def ImportLabelmapToSegmentationNode(self, labelmapNode: LabelMapVolumeNode,
-                                         segmentationNode: SegmentationNode, baseSegmentName: str = "") -> bool:
+                                         segmentationNode: SegmentationNode, insertBeforeSegmentId: str = "") -> bool:
+        if insertBeforeSegmentId:
+            raise NotImplementedError("the Slicer double only appends imported segments")
         colorNode = None
         display = labelmapNode.GetDisplayNode()
         if display is not None and display.colorNodeID:
             colorNode = self._slicer.mrmlScene.GetNodeByID(display.colorNodeID)
         array = labelmapNode.array
-        for value in np.unique(array):
-            if value == 0:
-                continue
+        values = [int(v) for v in np.unique(array) if v != 0]  # increasing, as Slicer's GetAllLabelValues
+        for value in values:
             name = colorNode.GetColorName(value) if colorNode else ""
-            color = colorNode.colors.get(int(value), (0.5, 0.5, 0.5, 1.0)) if colorNode else (0.5, 0.5, 0.5, 1.0)
-            segment = Segment(name or f"Label_{int(value)}", color[:3], (array == value).astype(np.uint8),
+            if not name and len(values) == 1:
+                name = labelmapNode.GetName()  # a lone label the colour table does not name
+            color = colorNode.colors.get(value, (0.5, 0.5, 0.5, 1.0)) if colorNode else (0.5, 0.5, 0.5, 1.0)
+            segment = Segment(name or f"Label_{value}", color[:3], (array == value).astype(np.uint8),
                               labelmapNode._ijkToRAS.copy())
             segmentationNode.GetSegmentation().AddSegment(segment)
         return True
@@ -622,40 +656,97 @@ def sample_data_module(slicer_module: types.ModuleType, samples: Dict[str, str])
 # -------------------------------------------------------------------------------------- parameterNodeWrapper
 
 class Choice:
-    def __init__(self, choices: List[Any]) -> None:
-        self.choices = list(choices)
+    """Validator: the value must be one of ``choices``."""
+
+    def __init__(self, choices: Any) -> None:
+        self.choices = choices
+
+    def validate(self, value: Any) -> None:
+        if value not in self.choices:
+            raise ValueError(f"Value is {value}, but must be in one of the following: {self.choices}")
+
+
+class WithinRange:
+    """Validator: ``minimum <= value <= maximum``."""
+
+    def __init__(self, minimum: Any, maximum: Any) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def validate(self, value: Any) -> None:
+        if not self.minimum <= value <= self.maximum:
+            raise ValueError(f"Value must be within range [{self.minimum}, {self.maximum}], is {value}")
+
+
+def _validators(hint: Any) -> List[Any]:
+    return [a for a in getattr(hint, "__metadata__", ()) if hasattr(a, "validate")]
+
+
+def _connect_widget(widget: "Widget", hint: Any, value: Any) -> None:
+    """What Slicer's GUI connector does on ``connectGui``: configure the widget, then show the value."""
+    base = typing.get_args(hint)[0] if hasattr(hint, "__metadata__") else hint  # Annotated[base, ...]
+    validators = _validators(hint)
+    if widget.className == "QComboBox" and base in (int, float, str, bool):
+        choice = next((v for v in validators if isinstance(v, Choice)), None)
+        if choice is None:
+            raise RuntimeError("ComboBoxToStringableConnector requires the Choice annotation to be used.")
+        widget.clear()  # the connector replaces the items with the choices
+        for item in choice.choices:
+            widget.addItem(str(item))
+        widget.setCurrentIndex(list(choice.choices).index(value))
+    elif (widget.className, base) in (("QSpinBox", int), ("QDoubleSpinBox", float)):
+        bounds = next((v for v in validators if isinstance(v, WithinRange)), None)
+        unbounded = (-2 ** 31, 2 ** 31 - 1) if base is int else (float("-inf"), float("inf"))
+        widget.minimum, widget.maximum = (bounds.minimum, bounds.maximum) if bounds else unbounded
+        widget.value = value
+    elif widget.className == "QLineEdit" and base is str:
+        widget.text = value
+    elif widget.className == "qMRMLNodeComboBox" and isinstance(base, type) and issubclass(base, Node):
+        widget.nodeTypes = [base.className]
+        widget.currentNode = value
+    else:
+        raise RuntimeError(f"Unable to create GUI connector from datatype '{hint}' to widget type "
+                           f"'{widget.className}'")
 
 
 def parameterNodeWrapper(cls: type) -> type:
     """Typed attributes with defaults over a parameter node; annotations resolved like Slicer does."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    defaults = {}
-    for name, hint in hints.items():
-        choices = [a for a in getattr(hint, "__metadata__", ()) if isinstance(a, Choice)]
-        default = cls.__dict__.get(name, None)
-        if choices and default not in choices[0].choices:
-            raise ValueError(f"default {default!r} of {name} is not one of {choices[0].choices}")
-        defaults[name] = default
+    defaults = {name: cls.__dict__.get(name, None) for name in hints}
+
+    def validate(key: str, value: Any) -> None:
+        for validator in _validators(hints[key]):
+            validator.validate(value)
 
     def __init__(self: Any, parameterNode: Any) -> None:
         self.parameterNode = parameterNode
         store = parameterNode.__dict__.setdefault("_values", {})
         for key, value in defaults.items():
-            store.setdefault(key, value)
+            if key not in store:
+                validate(key, value)  # Slicer writes (and so validates) a missing value's default here
+                store[key] = value
 
     def make_property(key: str) -> property:
         def getter(self: Any) -> Any:
             return self.parameterNode._values[key]
 
         def setter(self: Any, value: Any) -> None:
+            validate(key, value)
             self.parameterNode._values[key] = value
 
         return property(getter, setter)
 
+    def connectGui(self: Any, gui: Any) -> int:
+        # A non-widget ``gui`` (what childWidgetVariables gives): its attributes with a SlicerParameterName.
+        for widget in list(vars(gui).values()):
+            name = getattr(widget, "parameterName", None)
+            if name:
+                _connect_widget(widget, hints[name], self.parameterNode._values[name])
+        return 1
+
     for name in hints:
         setattr(cls, name, make_property(name))
     cls.__init__ = __init__  # type: ignore[misc]
-    cls.connectGui = lambda self, gui: 1  # type: ignore[attr-defined]
+    cls.connectGui = connectGui  # type: ignore[attr-defined]
     cls.disconnectGui = lambda self, tag: None  # type: ignore[attr-defined]
     cls.allParameters = dict(hints)  # type: ignore[attr-defined]
     return cls
@@ -687,8 +778,8 @@ class ScriptedLoadableModuleWidget:
         self.parent = parent
 
 
-class ScriptedLoadableModuleTest:
-    def delayDisplay(self, message: str, msec: int = 0) -> None:
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    def delayDisplay(self, message: str, requestedDelay: Optional[int] = None, msec: Optional[int] = None) -> None:
         pass
 
 
@@ -719,10 +810,12 @@ class QTimer:
 
 
 class Widget:
-    """A widget of the .ui file: the properties Med3D.py sets and reads."""
+    """A widget of the .ui file: the properties Med3D.py sets and reads, its class and its SlicerParameterName."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, className: str = "QWidget") -> None:
         self.name = name
+        self.className = className
+        self.parameterName: Optional[str] = None
         self.text = ""
         self.enabled = True
         self.visible = True
@@ -743,24 +836,40 @@ class Widget:
 
 
 class ComboBox(Widget):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
+    """QComboBox: emits ``currentIndexChanged(int)`` to its connected slot whenever the current index changes
+    (``clear`` makes it -1, the first ``addItem`` 0), unless signals are blocked."""
+
+    def __init__(self, name: str, className: str = "QComboBox") -> None:
+        super().__init__(name, className)
         self.items: List[tuple] = []
         self.currentIndex = -1
+        self._blocked = False
+
+    def blockSignals(self, block: bool) -> bool:
+        previous, self._blocked = self._blocked, bool(block)
+        return previous
+
+    def setCurrentIndex(self, index: int) -> None:
+        if index != self.currentIndex:
+            self.currentIndex = index
+            slot = self.connections.get("currentIndexChanged(int)")
+            if slot is not None and not self._blocked:
+                slot(index)
 
     def clear(self) -> None:
-        self.items, self.currentIndex = [], -1
+        self.items = []
+        self.setCurrentIndex(-1)
 
     def addItem(self, text: str, data: Any = None) -> None:
         self.items.append((text, data))
         if self.currentIndex < 0:
-            self.currentIndex = 0
+            self.setCurrentIndex(0)
 
     def itemData(self, index: int) -> Any:
         return self.items[index][1] if 0 <= index < len(self.items) else None
 
     def setCurrentText(self, text: str) -> None:
-        self.currentIndex = [t for t, _ in self.items].index(text)
+        self.setCurrentIndex([t for t, _ in self.items].index(text))
 
     @property
     def currentText(self) -> str:
@@ -772,8 +881,8 @@ class ComboBox(Widget):
 
 
 class CheckableNodeComboBox(Widget):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, className: str = "qMRMLCheckableNodeComboBox") -> None:
+        super().__init__(name, className)
         self.checked: List[Node] = []
 
     def checkedNodes(self) -> List[Node]:
@@ -781,8 +890,8 @@ class CheckableNodeComboBox(Widget):
 
 
 class PathLineEdit(Widget):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, className: str = "ctkPathLineEdit") -> None:
+        super().__init__(name, className)
         self.currentPath = ""
 
 
@@ -792,14 +901,22 @@ WIDGET_CLASSES = {"QComboBox": ComboBox, "qMRMLCheckableNodeComboBox": Checkable
 
 def widgets_from_ui(path: str) -> types.SimpleNamespace:
     """One stand-in per named widget of a .ui file (what ``slicer.util.childWidgetVariables`` gives); combo
-    boxes get the items the .ui file lists."""
+    boxes get the items the .ui file lists, spin boxes its minimum, maximum and value."""
     import xml.etree.ElementTree as ET
 
     ui = types.SimpleNamespace()
     for element in ET.parse(path).iter("widget"):
-        widget = WIDGET_CLASSES.get(element.get("class"), Widget)(element.get("name"))
+        className = element.get("class")
+        widget = WIDGET_CLASSES.get(className, Widget)(element.get("name"), className)
         for item in element.findall("item"):
             widget.addItem(item.find("property/string").text)
+        for prop in element.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                widget.parameterName = prop.find("string").text
+            elif prop.get("name") in ("minimum", "maximum", "value"):
+                for tag, kind in (("number", int), ("double", float)):
+                    if prop.find(tag) is not None:
+                        setattr(widget, prop.get("name"), kind(prop.find(tag).text))
         setattr(ui, element.get("name"), widget)
     return ui
 
@@ -856,6 +973,7 @@ def install(samples: Optional[Dict[str, str]] = None) -> types.ModuleType:
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = parameterNodeWrapper
     wrapper.Choice = Choice
+    wrapper.WithinRange = WithinRange
     slicer.parameterNodeWrapper = wrapper
 
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")

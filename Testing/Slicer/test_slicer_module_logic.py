@@ -100,6 +100,9 @@ def test_parameter_node_defaults_and_persistence(env) -> None:
     assert parameters.epochs == 10 and parameters.learningRate == pytest.approx(0.001)
     parameters.epochs = 3
     assert med3d.Med3DLogic().getParameterNode().epochs == 3  # stored in the scene, not the widget
+    for name, value in (("epochs", 0), ("learningRate", 2.0), ("task", "Brain segmentation")):
+        with pytest.raises(ValueError):  # Slicer's validators refuse it
+            setattr(parameters, name, value)
 
 
 def test_volume_from_node_equals_the_engine_reader(env, data_dir) -> None:
@@ -161,6 +164,28 @@ def test_segmentation_from_labels_names_colours_codes_and_cleans_up(env) -> None
     # Reusing the node replaces its segments.
     logic.segmentationFromLabels(image.with_array((labels == 2).astype(np.uint8)), info, reference, "x", node)
     assert segmentation.GetNumberOfSegments() == 1
+
+
+def test_segments_are_named_by_label_order_whatever_the_import_calls_them(env, monkeypatch) -> None:
+    """Slicer names a lone label's segment after the label-map node (4.11-5.6 even when the colour table names
+    it; 5.8 when the table does not): the module names segments itself, by label order."""
+    import slicer_double
+
+    slicer, _, logic = env
+    monkeypatch.setattr(slicer_double.ColorTableNode, "GetColorName", lambda self, index: "")
+    image = Volume(np.zeros((4, 5, 6), np.int16))
+    reference = add_volume(slicer, image)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    node = logic.segmentationFromLabels(image.with_array(labels), LUNG_LABELS, reference, "ct lung")
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetSegment(segmentation.GetNthSegmentID(0)).GetName() == "lung"  # not "ct lung labels"
+    labels[3, 4, 5] = 2
+    info = LUNG_LABELS + [{"value": 2, "name": "trachea", "terminology": "SCT^44567001^Trachea"}]
+    logic.segmentationFromLabels(image.with_array(labels), info, reference, "ct lung", node)
+    assert [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName() for i in range(2)] == \
+        ["lung", "trachea"]  # not "Label_1", "Label_2"
+    np.testing.assert_array_equal(segment_world_mask(slicer, node, "trachea", reference), labels == 2)
 
 
 def test_empty_result_gives_an_empty_segmentation(env) -> None:

@@ -70,6 +70,19 @@ def test_model_list_follows_the_task_and_explains_an_empty_list(widget) -> None:
     assert [text for text, _ in panel.ui.startModelComboBox.items] == ["(from scratch)", "nodule"]
 
 
+def test_binding_the_parameter_node_keeps_the_panel_consistent(widget) -> None:
+    """Binding refills the task list (its index passes through -1, which reaches the connected slot) and sets
+    the spin boxes' ranges from the parameters' validators, as Slicer's GUI connectors do."""
+    _, _, panel = widget
+    panel.ui.taskComboBox.connect("currentIndexChanged(int)", panel.updateModelList)  # as setup() does
+    panel._parameterNode.task = "Nodule classification"
+    panel.setParameterNode(panel.logic.getParameterNode())  # e.g. after a scene close
+    assert panel.ui.taskComboBox.currentText == "Nodule classification"
+    assert [text for text, _ in panel.ui.modelComboBox.items] == ["nodule"]
+    assert (panel.ui.epochsSpinBox.minimum, panel.ui.epochsSpinBox.maximum) == (1, 10000)
+    assert panel.ui.learningRateSpinBox.minimum > 0 and panel.ui.learningRateSpinBox.maximum == 1.0
+
+
 def test_device_list_says_why_there_is_no_gpu(widget) -> None:
     _, _, panel = widget
     labels = [text for text, _ in panel.ui.deviceComboBox.items]
