@@ -31,6 +31,9 @@ from Med3DLib import dependencies, finetune_job, geometry, models, progress_read
 from med3dcore.errors import Med3DError
 
 TASK_CHOICES = list(models.TASK_TITLES.values())
+# Disabled while in-process inference runs (Qt events are processed then, so that Cancel can be clicked).
+INPUT_WIDGETS = ("inputVolumeSelector", "taskComboBox", "modelComboBox", "addModelButton", "roiSelector",
+                 "createRoiButton", "deviceComboBox", "finetuneCollapsibleButton")
 
 
 class Med3D(ScriptedLoadableModule):
@@ -476,6 +479,7 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: Optional[Med3DLogic] = None
         self._parameterNode: Optional[Med3DParameterNode] = None
         self._parameterNodeGuiTag = None
+        self._binding = False
         self._busy = False
         self._run: Optional[FinetuneRun] = None
         self._lastRunCommand: Optional[Dict[str, Any]] = None
@@ -495,6 +499,7 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
@@ -509,7 +514,6 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.enabled = False
         self.fillDeviceList()
         self.initializeParameterNode()
-        self.updateModelList()
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -525,10 +529,16 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._busy:  # closed during in-process inference: stop it at its next step (nothing is added)
+            self.logic.cancelRequested = True
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event) -> None:
+        if self.parent.isEntered:  # a loaded scene brings its own parameters: show its model and device too
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
@@ -543,7 +553,15 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNode = parameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # Binding empties and refills the task list, passing through other tasks: the model list follows
+            # only once it is done, to show the parameter node's model (and device) rather than a first one.
+            self._binding = True
+            try:
+                self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            finally:
+                self._binding = False
+            self.updateModelList()
+            self.showDevice()
 
     def task(self) -> str:
         return models.task_from_title(self.ui.taskComboBox.currentText)
@@ -571,9 +589,19 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
 
+    def showDevice(self) -> None:
+        """Show the parameter node's device; one this computer lacks (a scene saved elsewhere) becomes auto."""
+        combo = self.ui.deviceComboBox
+        combo.setCurrentIndex(max(combo.findData(self._parameterNode.device), 0))
+        self.onDeviceChosen(combo.currentIndex)
+
     def updateModelList(self, *unused) -> None:
-        if self.ui.taskComboBox.currentIndex < 0:
-            return  # binding the parameter node empties and refills the task list; called again once refilled
+        if self._binding or self.ui.taskComboBox.currentIndex < 0:
+            return  # binding the parameter node empties and refills the task list; called again once bound
+        if self._parameterNode:
+            # What the task's GUI connector writes, but written first: in Slicer this slot runs before the
+            # connector's, and the model written below would make the binding show the old task again.
+            self._parameterNode.task = self.ui.taskComboBox.currentText
         combo = self.ui.modelComboBox
         combo.blockSignals(True)
         combo.clear()
@@ -590,6 +618,8 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.warning(f"Med3D: {error}")
         for info in found:
             combo.addItem(str(info.name), str(info.path))
+        if found and self._parameterNode:  # keep the user's model, kept in the parameter node, if listed
+            combo.setCurrentIndex(max(combo.findData(self._parameterNode.modelPath), 0))
         if not dependencies.is_installed("torch"):
             self.ui.modelInfoLabel.text = ("PyTorch is not installed yet: Apply installs it (after asking), then "
                                            "the models on disk are listed here.")
@@ -601,10 +631,17 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for info in allModels:  # any bundle's encoder (or a MedicalNet file) can start a fine-tuning run
             self.ui.startModelComboBox.addItem(str(info.name), str(info.path))
         self.onModelChosen(combo.currentIndex)
+        self.updateInputsEnabled()
         isNodule = task == "nodule"
-        self.ui.roiSelector.enabled = self.ui.createRoiButton.enabled = isNodule
         self.ui.trainingSegmentationsSelector.visible = not isNodule
         self.ui.trainingROIsSelector.visible = isNodule
+
+    def updateInputsEnabled(self) -> None:
+        """All inputs are disabled while in-process inference runs; the ROI inputs are for nodules only."""
+        for name in INPUT_WIDGETS:
+            getattr(self.ui, name).enabled = not self._busy
+        isNodule = self.ui.taskComboBox.currentText == models.TASK_TITLES["nodule"]
+        self.ui.roiSelector.enabled = self.ui.createRoiButton.enabled = isNodule and not self._busy
 
     def onModelChosen(self, index: int) -> None:
         if self._parameterNode:
@@ -634,34 +671,45 @@ class Med3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._busy:  # the button reads "Cancel" while working
             self.logic.cancelRequested = True
             return
-        parameters = self._parameterNode
-        self._busy = True
-        self.ui.applyButton.text = "Cancel"
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.show()
+        self.setBusy(True)
         try:
             with slicer.util.tryWithErrorDisplay("Med3D failed.", waitCursor=True):
-                task = self.task()
-                model = parameters.modelPath or None
-                if task == "nodule":
-                    probabilities = self.logic.classifyNodule(parameters.inputVolume, parameters.roi, model,
-                                                              parameters.device)
-                    best = max(probabilities, key=probabilities.get)
-                    self.ui.resultsLabel.text = "  ".join(f"{k}: {v:.2f}" for k, v in probabilities.items()) + \
-                        f"  ->  {best}"
-                    slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(
-                        self.logic.lastResultTable.GetID())
-                    slicer.app.applicationLogic().PropagateTableSelection()
-                else:
-                    node = self.logic.segment(parameters.inputVolume, task, model, parameters.device)
-                    self.ui.resultsLabel.text = f"Created '{node.GetName()}'"
-                if self.logic.lastWarnings:
-                    self.ui.resultsLabel.text += "\nWarning: " + "\nWarning: ".join(self.logic.lastWarnings)
+                try:
+                    self.applyTask(self._parameterNode)
+                except Exception:
+                    if not self.logic.cancelRequested:  # Cancel, or a scene close, is not a failure
+                        raise
+                    self.ui.statusLabel.text = "Cancelled."
         finally:
-            self._busy = False
             self.logic.cancelRequested = False
-            self.ui.applyButton.text = "Apply"
-            self.ui.progressBar.hide()
+            self.setBusy(False)
+
+    def setBusy(self, busy: bool) -> None:
+        """During in-process inference only Apply, which reads Cancel then, stays enabled."""
+        self._busy = busy
+        self.ui.applyButton.text = "Cancel" if busy else "Apply"
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.visible = busy
+        if busy:
+            self.ui.statusLabel.text = self.ui.resultsLabel.text = ""
+        self.updateInputsEnabled()
+
+    def applyTask(self, parameters: Med3DParameterNode) -> None:
+        task = self.task()
+        model = parameters.modelPath or None
+        if task == "nodule":
+            probabilities = self.logic.classifyNodule(parameters.inputVolume, parameters.roi, model,
+                                                      parameters.device)
+            best = max(probabilities, key=probabilities.get)
+            self.ui.resultsLabel.text = "  ".join(f"{k}: {v:.2f}" for k, v in probabilities.items()) + \
+                f"  ->  {best}"
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(self.logic.lastResultTable.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+        else:
+            node = self.logic.segment(parameters.inputVolume, task, model, parameters.device)
+            self.ui.resultsLabel.text = f"Created '{node.GetName()}'"
+        if self.logic.lastWarnings:
+            self.ui.resultsLabel.text += "\nWarning: " + "\nWarning: ".join(self.logic.lastWarnings)
 
     def _trainingPairs(self) -> List[Tuple[Any, Any]]:
         volume = self._parameterNode.inputVolume

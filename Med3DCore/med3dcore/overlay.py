@@ -28,7 +28,10 @@ def _colors(label_info: Optional[Sequence[Mapping]], values: Sequence[int]) -> D
     return {v: given.get(v, DEFAULT_COLORS[n % len(DEFAULT_COLORS)]) for n, v in enumerate(values)}
 
 
-def _panels(image: np.ndarray, labels: np.ndarray, centre: Sequence[int]) -> List[Tuple[str, np.ndarray, np.ndarray, int, int]]:
+Panel = Tuple[str, np.ndarray, np.ndarray, int, int]
+
+
+def _panels(image: np.ndarray, labels: np.ndarray, centre: Sequence[int]) -> List[Panel]:
     """(name, image slice, label slice, row axis, column axis) in display order; arrays are canonical (S, P, L)."""
     k, j, i = centre
     flip_rows = lambda a: a[::-1]  # noqa: E731 - superior at the top
@@ -69,7 +72,7 @@ def render_overlay(image: Volume, labels: Volume, label_info: Optional[Sequence[
 
     pictures = []
     for name, grey_slice, label_slice, row_axis, col_axis in _panels(grey, lab, centre):
-        size = (max(1, int(round(extent[row_axis] / mm_per_pixel))), max(1, int(round(extent[col_axis] / mm_per_pixel))))
+        size = tuple(max(1, int(round(extent[axis] / mm_per_pixel))) for axis in (row_axis, col_axis))
         g = resize(grey_slice, size, order=1, mode="edge", anti_aliasing=False, preserve_range=True)
         lab_px = resize(label_slice, size, order=0, mode="edge", anti_aliasing=False, preserve_range=True).astype(int)
         rgb = np.repeat((g * 255.0)[..., None], 3, axis=2)

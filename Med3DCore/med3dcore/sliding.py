@@ -143,8 +143,8 @@ def make_predictor(model: nn.Module, device: Union[str, torch.device], precision
 
     ``precision``: ``fp32``; ``bf16`` (bfloat16 weights and inputs: faster only on CPUs with native bf16, about
     1% output error); ``amp`` (float16 autocast, CUDA only); ``auto`` = ``amp`` on CUDA, ``fp32`` elsewhere. On
-    CPU the model and inputs use the channels-last layout. The model is moved (and for ``bf16`` converted) in place. ``activation``: ``softmax``
-    over classes, ``sigmoid`` or ``none``. Outputs are float32.
+    CPU the model and inputs use the channels-last layout. The model is moved (and for ``bf16`` converted) in
+    place. ``activation``: ``softmax`` over classes, ``sigmoid`` or ``none``. Outputs are float32.
     """
     device = torch.device(device)
     if precision not in PRECISIONS:

@@ -22,10 +22,15 @@ What it models, following DESIGN.md's "Facts about Slicer" (checked against Slic
   annotations from ``from __future__ import annotations`` must resolve) and stores typed values with defaults;
   the ``Choice`` and ``WithinRange`` validators raise ``ValueError`` on a bad write (defaults included).
   ``connectGui(ui)`` does what Slicer's GUI connectors do when binding, for the widgets whose .ui property
-  ``SlicerParameterName`` names a parameter: a QComboBox is emptied and refilled with the ``Choice`` values
-  (an error without one), a QSpinBox/QDoubleSpinBox gets its range from ``WithinRange`` (else the whole
-  int range / -inf..inf, replacing the .ui file's), a qMRMLNodeComboBox its node type; then each shows the
-  parameter's value. Widget-to-parameter updates are not modelled.
+  ``SlicerParameterName`` names a parameter: first all are configured (a QComboBox is emptied and refilled
+  with the ``Choice`` values, an error without one; a QSpinBox/QDoubleSpinBox gets its range from
+  ``WithinRange``, else the whole int range / -inf..inf, replacing the .ui file's; a qMRMLNodeComboBox its
+  node type), then each shows the parameter's value and, for a QComboBox, gets the connector's slot on
+  ``currentIndexChanged(int)`` (after any slot connected before binding, as Qt calls slots in connection
+  order) that writes the chosen value to the parameter unless the GUI is being updated from the node.
+  A write that changes a value modifies the node (as ``SetParameter``), which makes every bound widget
+  show its parameter again (Slicer's ``_updateGUIFromParameterNode``, not re-entered); ``disconnectGui``
+  removes the combo boxes' slots. Other widgets' signals are not modelled.
 - ``slicer.util.confirmOkCancelDisplay``/``pip_install`` record their calls; the answer is settable.
 - The Terminologies logic's parsing rules for serialised entries (not its code tables), and ``SampleData``
   with local files standing in for the named samples.
@@ -411,7 +416,7 @@ NODE_CLASSES = {cls.className: cls for cls in (
 
 
 class Scene:
-    StartCloseEvent, EndCloseEvent = 1, 2
+    StartCloseEvent, EndCloseEvent, EndImportEvent = 1, 2, 3  # event ids only: no events are sent
 
     def __init__(self) -> None:
         self._nodes: Dict[str, Node] = {}
@@ -681,8 +686,8 @@ def _validators(hint: Any) -> List[Any]:
     return [a for a in getattr(hint, "__metadata__", ()) if hasattr(a, "validate")]
 
 
-def _connect_widget(widget: "Widget", hint: Any, value: Any) -> None:
-    """What Slicer's GUI connector does on ``connectGui``: configure the widget, then show the value."""
+def _configure_widget(widget: "Widget", hint: Any) -> None:
+    """What creating Slicer's GUI connector does to the widget (before any value is shown)."""
     base = typing.get_args(hint)[0] if hasattr(hint, "__metadata__") else hint  # Annotated[base, ...]
     validators = _validators(hint)
     if widget.className == "QComboBox" and base in (int, float, str, bool):
@@ -692,20 +697,32 @@ def _connect_widget(widget: "Widget", hint: Any, value: Any) -> None:
         widget.clear()  # the connector replaces the items with the choices
         for item in choice.choices:
             widget.addItem(str(item))
-        widget.setCurrentIndex(list(choice.choices).index(value))
     elif (widget.className, base) in (("QSpinBox", int), ("QDoubleSpinBox", float)):
         bounds = next((v for v in validators if isinstance(v, WithinRange)), None)
         unbounded = (-2 ** 31, 2 ** 31 - 1) if base is int else (float("-inf"), float("inf"))
         widget.minimum, widget.maximum = (bounds.minimum, bounds.maximum) if bounds else unbounded
-        widget.value = value
     elif widget.className == "QLineEdit" and base is str:
-        widget.text = value
+        pass
     elif widget.className == "qMRMLNodeComboBox" and isinstance(base, type) and issubclass(base, Node):
         widget.nodeTypes = [base.className]
-        widget.currentNode = value
     else:
         raise RuntimeError(f"Unable to create GUI connector from datatype '{hint}' to widget type "
                            f"'{widget.className}'")
+
+
+def _show_value(widget: "Widget", hint: Any, value: Any) -> None:
+    """The connector's ``write``: the widget shows ``value``."""
+    if widget.className == "QComboBox":
+        choices = list(next(v for v in _validators(hint) if isinstance(v, Choice)).choices)
+        if value not in choices:
+            raise ValueError(f"Unable to find value {value} in choices {choices}")
+        widget.setCurrentIndex(choices.index(value))
+    elif widget.className in ("QSpinBox", "QDoubleSpinBox"):
+        widget.value = value
+    elif widget.className == "QLineEdit":
+        widget.text = value
+    else:
+        widget.currentNode = value
 
 
 def parameterNodeWrapper(cls: type) -> type:
@@ -719,6 +736,10 @@ def parameterNodeWrapper(cls: type) -> type:
 
     def __init__(self: Any, parameterNode: Any) -> None:
         self.parameterNode = parameterNode
+        self._guis: Dict[int, List[tuple]] = {}  # tag -> (widget, parameter name, connector slot or None)
+        self._nextGuiTag = 0  # as Slicer: the first tag is 0
+        self._updatingGui = False
+        parameterNode.__dict__.setdefault("_observers", [])  # called when a write changes a value (Modified)
         store = parameterNode.__dict__.setdefault("_values", {})
         for key, value in defaults.items():
             if key not in store:
@@ -731,23 +752,63 @@ def parameterNodeWrapper(cls: type) -> type:
 
         def setter(self: Any, value: Any) -> None:
             validate(key, value)
-            self.parameterNode._values[key] = value
+            store = self.parameterNode._values
+            if key in store and store[key] == value:
+                return  # as SetParameter: an unchanged value does not modify the node
+            store[key] = value
+            for observer in list(self.parameterNode._observers):
+                observer()
 
         return property(getter, setter)
 
+    def update_gui(self: Any) -> None:
+        if self._updatingGui:
+            return
+        self._updatingGui = True
+        try:
+            for bound in list(self._guis.values()):
+                for widget, name, _ in bound:
+                    _show_value(widget, hints[name], self.parameterNode._values[name])
+        finally:
+            self._updatingGui = False
+
+    def connector_slot(self: Any, widget: Any, name: str) -> Any:
+        choices = list(next(v for v in _validators(hints[name]) if isinstance(v, Choice)).choices)
+
+        def slot(index: int) -> None:
+            if not self._updatingGui:
+                setattr(self, name, choices[widget.currentIndex])
+
+        return slot
+
     def connectGui(self: Any, gui: Any) -> int:
         # A non-widget ``gui`` (what childWidgetVariables gives): its attributes with a SlicerParameterName.
-        for widget in list(vars(gui).values()):
-            name = getattr(widget, "parameterName", None)
-            if name:
-                _connect_widget(widget, hints[name], self.parameterNode._values[name])
-        return 1
+        widgets = [w for w in vars(gui).values() if getattr(w, "parameterName", None)]
+        for widget in widgets:
+            _configure_widget(widget, hints[widget.parameterName])
+        bound = []
+        for widget in widgets:
+            name = widget.parameterName
+            _show_value(widget, hints[name], self.parameterNode._values[name])
+            slot = connector_slot(self, widget, name) if widget.className == "QComboBox" else None
+            if slot is not None:
+                widget.connect("currentIndexChanged(int)", slot)
+            bound.append((widget, name, slot))
+        tag, self._nextGuiTag = self._nextGuiTag, self._nextGuiTag + 1
+        self._guis[tag] = bound
+        self.parameterNode._observers.append(lambda: update_gui(self))  # never removed, as in Slicer
+        return tag
+
+    def disconnectGui(self: Any, tag: Any) -> None:
+        for widget, _, slot in self._guis.pop(tag, []):
+            if slot is not None:
+                widget.disconnect("currentIndexChanged(int)", slot)
 
     for name in hints:
         setattr(cls, name, make_property(name))
     cls.__init__ = __init__  # type: ignore[misc]
     cls.connectGui = connectGui  # type: ignore[attr-defined]
-    cls.disconnectGui = lambda self, tag: None  # type: ignore[attr-defined]
+    cls.disconnectGui = disconnectGui  # type: ignore[attr-defined]
     cls.allParameters = dict(hints)  # type: ignore[attr-defined]
     return cls
 
@@ -820,10 +881,13 @@ class Widget:
         self.enabled = True
         self.visible = True
         self.value = 0
-        self.connections: Dict[str, Any] = {}
+        self.connections: Dict[str, List[Any]] = {}  # signal -> slots, in connection order
 
     def connect(self, signal: str, slot: Any) -> None:
-        self.connections[signal] = slot
+        self.connections.setdefault(signal, []).append(slot)
+
+    def disconnect(self, signal: str, slot: Any) -> None:
+        self.connections[signal].remove(slot)
 
     def hide(self) -> None:
         self.visible = False
@@ -852,9 +916,9 @@ class ComboBox(Widget):
     def setCurrentIndex(self, index: int) -> None:
         if index != self.currentIndex:
             self.currentIndex = index
-            slot = self.connections.get("currentIndexChanged(int)")
-            if slot is not None and not self._blocked:
-                slot(index)
+            if not self._blocked:
+                for slot in list(self.connections.get("currentIndexChanged(int)", [])):
+                    slot(index)
 
     def clear(self) -> None:
         self.items = []
@@ -867,6 +931,10 @@ class ComboBox(Widget):
 
     def itemData(self, index: int) -> Any:
         return self.items[index][1] if 0 <= index < len(self.items) else None
+
+    def findData(self, data: Any) -> int:
+        """The first index whose item data equals ``data``, else -1 (as Qt, with its default exact match)."""
+        return next((index for index, (_, itemData) in enumerate(self.items) if itemData == data), -1)
 
     def setCurrentText(self, text: str) -> None:
         self.setCurrentIndex([t for t, _ in self.items].index(text))

@@ -3,8 +3,10 @@ explanations, Apply turning into Cancel, results in the panel and a table, and t
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +195,173 @@ def test_engine_warnings_reach_the_panel(widget, monkeypatch) -> None:
     lines = panel.ui.resultsLabel.text.splitlines()
     assert lines[0].endswith("->  malignant")
     assert len(lines) >= 2 and lines[1].startswith("Warning: ")
+
+
+# ---------------------------------------------------------------------- panel state across binding and runs
+
+INPUT_WIDGETS = ("inputVolumeSelector", "taskComboBox", "modelComboBox", "addModelButton", "roiSelector",
+                 "createRoiButton", "deviceComboBox", "finetuneCollapsibleButton")
+
+
+def connect_as_setup(panel) -> None:
+    """The combo-box connections ``setup()`` makes (the fixture builds the panel without ``setup()``)."""
+    panel.ui.taskComboBox.connect("currentIndexChanged(int)", panel.updateModelList)
+    panel.ui.modelComboBox.connect("currentIndexChanged(int)", panel.onModelChosen)
+    panel.ui.deviceComboBox.connect("currentIndexChanged(int)", panel.onDeviceChosen)
+
+
+def close_scene(slicer, panel) -> None:
+    """What Slicer does on File > Close Scene while the module is shown: the close events around the clear."""
+    panel.onSceneStartClose(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent)
+    slicer.mrmlScene.Clear()
+    panel.onSceneEndClose(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent)
+
+
+@pytest.fixture(scope="module")
+def lung_and_two_nodule_models(nodule_model, tmp_path_factory) -> Path:
+    from test_slicer_module_logic import LUNG_LABELS, constant_output_bundle
+    from med3dcore.preprocess import PreprocessSpec
+
+    folder = tmp_path_factory.mktemp("state-models")
+    for name in ("nodule-a.pt", "nodule-b.pt"):
+        shutil.copyfile(nodule_model / "nodule.pt", folder / name)
+    constant_output_bundle(folder / "lung.pt", {"type": "lung_decoder", "num_classes": 2, "channels": [8, 8, 8]},
+                           [-5.0, 5.0], {"type": "segmentation", "name": "lung"}, LUNG_LABELS,
+                           preprocessing=PreprocessSpec(spacing=(6.0, 6.0, 6.0), window=(-1000.0, 400.0),
+                                                        modality="CT"))
+    return folder
+
+
+@pytest.fixture()
+def state_widget(widget, lung_and_two_nodule_models, monkeypatch):
+    """The panel wired as ``setup()`` wires it (its slots before the binding's), shown, with a lung and two
+    nodule models."""
+    slicer, med3d, panel = widget
+    monkeypatch.setenv("MED3D_MODELS", str(lung_and_two_nodule_models))
+    panel.setParameterNode(None)
+    connect_as_setup(panel)
+    panel.parent = types.SimpleNamespace(isEntered=True)
+    panel.initializeParameterNode()
+    return slicer, med3d, panel
+
+
+def test_model_choice_survives_leaving_and_entering_the_module(state_widget, lung_and_two_nodule_models) -> None:
+    """Binding on enter() empties and refills the task list, which refills the model list: the user's model
+    (kept in the parameter node) must be chosen again afterwards, not the task's first model."""
+    _, _, panel = state_widget
+    panel.ui.taskComboBox.setCurrentText("Nodule classification")
+    assert [text for text, _ in panel.ui.modelComboBox.items] == ["nodule-a", "nodule-b"]
+    panel.ui.modelComboBox.setCurrentIndex(1)  # the user picks the second model
+    chosen = str(lung_and_two_nodule_models / "nodule-b.pt")
+    assert panel._parameterNode.modelPath == chosen
+    panel.exit()
+    panel.enter()
+    assert panel.ui.taskComboBox.currentText == "Nodule classification"
+    assert panel.ui.modelComboBox.currentText == "nodule-b" and panel._parameterNode.modelPath == chosen
+    panel.updateModelList()  # e.g. after a fine-tuning run or 'Add model file...'
+    assert panel.ui.modelComboBox.currentText == "nodule-b" and panel._parameterNode.modelPath == chosen
+    panel.ui.taskComboBox.setCurrentText("Lung segmentation")  # another task: its first model
+    assert panel._parameterNode.modelPath == str(lung_and_two_nodule_models / "lung.pt")
+
+
+def test_choosing_another_task_sticks(state_widget) -> None:
+    """In Slicer the panel's task slot runs before the binding's, which writes the task parameter: a model
+    written first modifies the node, and the binding would then show the parameter's old task again."""
+    _, _, panel = state_widget
+    assert panel._parameterNode.task == "Lung segmentation" and panel._parameterNode.modelPath.endswith("lung.pt")
+    panel.ui.taskComboBox.setCurrentText("Nodule classification")
+    assert panel.ui.taskComboBox.currentText == panel._parameterNode.task == "Nodule classification"
+    assert [text for text, _ in panel.ui.modelComboBox.items] == ["nodule-a", "nodule-b"]
+    assert panel._parameterNode.modelPath.endswith("nodule-a.pt")
+
+
+def test_device_choice_is_restored_from_the_parameter_node(state_widget) -> None:
+    slicer, _, panel = state_widget
+    panel.ui.deviceComboBox.setCurrentIndex(1)  # CPU
+    assert panel._parameterNode.device == "cpu"
+    close_scene(slicer, panel)  # a new scene: its parameter node says "auto", and so must the panel
+    assert panel._parameterNode.device == "auto" and panel.ui.deviceComboBox.currentData == "auto"
+    panel._parameterNode.device = "cpu"  # a loaded scene (.mrb) saved with CPU chosen
+    panel.onSceneEndImport(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent)
+    assert panel.ui.deviceComboBox.currentData == "cpu"
+    panel.exit()
+    panel._parameterNode.device = "auto"
+    panel.enter()
+    assert panel.ui.deviceComboBox.currentData == "auto"
+    panel._parameterNode.device = "cuda:7"  # saved on a machine with a GPU this one lacks: auto, shown and used
+    panel.enter()
+    assert panel.ui.deviceComboBox.currentData == "auto" and panel._parameterNode.device == "auto"
+
+
+def enabled_states(panel) -> dict:
+    return {name: getattr(panel.ui, name).enabled for name in INPUT_WIDGETS + ("applyButton",)}
+
+
+def start_lung_run(slicer, panel):
+    volume = Volume(np.full((24, 40, 40), -700, np.int16), spacing=(2.0, 2.0, 3.0))
+    from Med3DLib import geometry
+
+    array, matrix = geometry.node_data_from_volume(volume)
+    parameters = panel._parameterNode
+    parameters.inputVolume = slicer.util.addVolumeFromArray(array, matrix, "ct")
+    parameters.device = "cpu"
+
+
+def test_only_cancel_is_enabled_while_inference_runs(state_widget, monkeypatch) -> None:
+    """onProgress lets Qt process events (for Cancel): no other input may be used meanwhile, and the panel
+    comes back as it was afterwards, after a failure too."""
+    slicer, _, panel = state_widget
+    start_lung_run(slicer, panel)
+    before = enabled_states(panel)
+    assert all(before[name] for name in before if name not in ("roiSelector", "createRoiButton"))
+    during = []
+    monkeypatch.setattr(slicer.app, "processEvents",
+                        lambda: during.append((enabled_states(panel), panel.ui.applyButton.text)))
+    panel.onApply()
+    assert panel.ui.resultsLabel.text == "Created 'ct lung'"
+    assert during and all(text == "Cancel" for _, text in during)
+    assert all(states == dict.fromkeys(INPUT_WIDGETS, False) | {"applyButton": True} for states, _ in during)
+    assert enabled_states(panel) == before and panel.ui.applyButton.text == "Apply"
+
+    def fail() -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(slicer.app, "processEvents", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        panel.onApply()
+    assert enabled_states(panel) == before and panel.ui.applyButton.text == "Apply" and not panel._busy
+    panel.ui.taskComboBox.setCurrentText("Nodule classification")  # the ROI inputs follow the task again
+    assert panel.ui.roiSelector.enabled and panel.ui.createRoiButton.enabled
+
+
+def test_closing_the_scene_during_inference_cancels_it_cleanly(state_widget, monkeypatch) -> None:
+    """In Slicer the close runs inside processEvents() during the run: the run must stop without a result in
+    the new scene or an error message, and the panel be bound to the new scene's parameter node."""
+    slicer, _, panel = state_widget
+    start_lung_run(slicer, panel)
+    before = enabled_states(panel)
+    closes = []
+
+    def process_events() -> None:
+        if not closes:
+            closes.append(True)
+            close_scene(slicer, panel)
+
+    monkeypatch.setattr(slicer.app, "processEvents", process_events)
+    panel.onApply()
+    assert closes and slicer.util.errors == []
+    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode") == []
+    assert panel.ui.statusLabel.text == "Cancelled." and panel.ui.resultsLabel.text == ""
+    assert enabled_states(panel) == before and panel.ui.applyButton.text == "Apply"
+    assert not panel._busy and not panel.logic.cancelRequested and not panel.ui.progressBar.visible
+    assert panel._parameterNode is not None and panel._parameterNode.parameterNode.scene is slicer.mrmlScene
+
+
+def test_cancel_button_stops_the_run_without_an_error_message(state_widget, monkeypatch) -> None:
+    slicer, _, panel = state_widget
+    start_lung_run(slicer, panel)
+    monkeypatch.setattr(slicer.app, "processEvents", panel.onApply)  # Apply, now Cancel, clicked during the run
+    panel.onApply()
+    assert slicer.util.errors == [] and panel.ui.statusLabel.text == "Cancelled."
+    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode") == []
+    assert panel.ui.applyButton.text == "Apply" and not panel._busy and not panel.logic.cancelRequested

@@ -3,7 +3,8 @@
     python Testing/benchmarks/bench_lung_e2e.py [--model lung.pt] [--device cpu] [--threads 2] [--tile 96,160,160]
 
 Without --model it uses /tmp/med3d_work/models/lung.pt when present, else a ResNet-10 + lung decoder bundle with
-fixed random weights, the lung preset's head and grid (finetune.PRESETS; speed does not depend on training). Reports seconds per
+fixed random weights, the lung preset's head and grid (finetune.PRESETS; speed does not depend on training).
+Reports seconds per
 stage and the process's peak RSS (resource.getrusage high-water mark), against the targets of under 20 s and
 under 4 GB on 2 CPU cores. Run it as its own process so the RSS figure is this pipeline's.
 """
@@ -78,8 +79,10 @@ def main() -> None:
     stages["write"] = time.perf_counter() - t
     total = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    lung_ml = float((result.labels.array > 0).sum()) * float(image.spacing[0] * image.spacing[1] * image.spacing[2]) / 1000
-    print(f"model: {model} ({bundle.provenance.get('data', '?')}); device {describe_device(resolve_device(args.device))}")
+    voxel_ml = float(image.spacing[0] * image.spacing[1] * image.spacing[2]) / 1000
+    lung_ml = float((result.labels.array > 0).sum()) * voxel_ml
+    device = describe_device(resolve_device(args.device))
+    print(f"model: {model} ({bundle.provenance.get('data', '?')}); device {device}")
     print(f"input {image.shape[::-1]} (I,J,K) at {tuple(round(s, 3) for s in image.spacing)} mm; "
           f"output same grid: {result.labels.same_geometry(image)}; lung volume {lung_ml:.0f} mL")
     print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()))

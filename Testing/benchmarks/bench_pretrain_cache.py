@@ -4,12 +4,13 @@ Prints (1) the one-off cost of validating the pairs and building the cache, (2) 
 alone and (3) training steps per second (ResNet-10, the config's patch and batch size) with the memory-mapped
 cache versus preprocessing (read + resample + normalise) the volume of every patch afresh, and the ratios.
 
-    python Testing/benchmarks/bench_pretrain_cache.py [--steps 10] [--batches 20] [--threads 2]
+    python Testing/benchmarks/bench_pretrain_cache.py [--steps 4] [--rounds 3] [--batches 20] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +25,8 @@ CONFIG = ROOT / "Testing" / "configs" / "five_domain.yaml"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--steps", type=int, default=10, help="training steps timed per variant")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per round and variant")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
     parser.add_argument("--batches", type=int, default=20, help="sampler batches timed per variant")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -62,18 +64,24 @@ def main() -> int:
             print(f"sampler only, {name:8s}: {rates[name]:7.2f} batches/s")
         print(f"sampler speed-up with cache: {rates['cache'] / rates['no cache']:.1f}x")
 
-        steps = {}
-        for name, data in variants.items():
-            sampler = PatchSampler(data, sampling["patch_size"], config.batch_size,
-                                   float(sampling.get("foreground_share", 0.5)), seed=0)
-            seed_everything(0)
-            model = build_pretrain_model(run)
-            out = Path(tmp) / name.replace(" ", "_")
-            t0 = time.perf_counter()
-            train(model, config, sampler.next_batch, pretrain_loss, out, stateful={"sampler": sampler})
-            steps[name] = args.steps / (time.perf_counter() - t0)
-            print(f"training (ResNet-10), {name:8s}: {steps[name]:6.3f} steps/s")
-        print(f"training speed-up with cache: {steps['cache'] / steps['no cache']:.2f}x")
+        # Training: rounds alternate the two variants so a change in machine load hits both alike.
+        times = {name: [] for name in variants}
+        for r in range(args.rounds):
+            for name, data in variants.items():
+                sampler = PatchSampler(data, sampling["patch_size"], config.batch_size,
+                                       float(sampling.get("foreground_share", 0.5)), seed=r)
+                seed_everything(r)
+                model = build_pretrain_model(run)
+                out = Path(tmp) / f"{name.replace(' ', '_')}_{r}"
+                t0 = time.perf_counter()
+                train(model, config, sampler.next_batch, pretrain_loss, out, stateful={"sampler": sampler})
+                times[name].append((time.perf_counter() - t0) / args.steps)
+        for name, per_step in times.items():
+            median = statistics.median(per_step)
+            print(f"training (ResNet-10), {name:8s}: {1 / median:6.3f} steps/s (median {median:.2f} s/step over "
+                  f"{args.rounds} rounds of {args.steps} steps: {', '.join(f'{t:.2f}' for t in per_step)})")
+        ratio = statistics.median(times["no cache"]) / statistics.median(times["cache"])
+        print(f"training speed-up with cache: {ratio:.2f}x")
     return 0
 
 

@@ -2,8 +2,9 @@
 
     python Testing/benchmarks/bench_sliding_window.py [--spacing 2,2,5] [--threads 2]
 
-The network is ResNet-10 + the lung preset's decoder (finetune.PRESETS): fixed random weights (speed does not depend on training), or a
-trained lung bundle with --model (then label agreement figures mean something). The input is the real chest CT (../shared/data/ct/chest_ct.nrrd), preprocessed like a lung model would
+The network is ResNet-10 + the lung preset's decoder (finetune.PRESETS): fixed random weights (speed does not
+depend on training), or a trained lung bundle with --model (then label agreement figures mean something). The
+input is the real chest CT (../shared/data/ct/chest_ct.nrrd), preprocessed like a lung model would
 (resampled to --spacing, CT window, z-score). Every configuration runs in a fresh Python process, so its peak RSS
 (resource.getrusage high-water mark; tracemalloc cannot see torch's CPU tensors) is its own; "inference RSS" is
 the peak minus the RSS after loading the network and the input.
@@ -138,7 +139,7 @@ def main() -> None:
     rows.append(("med3d lean (tile 96^3, overlap 0.1), fp32",
                  dict(tool="med3d", tile=[96, 96, 96], overlap=0.1, blend="gaussian", batch=1)))
     if not args.skip_bf16:
-        rows.append(("med3d defaults, bf16 + channels-last",
+        rows.append(("med3d defaults, bf16",
                      dict(tool="med3d", tile=[96, 160, 160], overlap=0.1, blend="gaussian", batch=1,
                           precision="bf16")))
     results = {}
@@ -151,11 +152,12 @@ def main() -> None:
         result = _spawn(config)
         result["probs"] = np.load(config["out"])
         results[name] = result
-        print(f"{name:55s} {result['seconds']:7.1f} s (CPU {result['cpu_seconds']:6.1f} s)  peak RSS {result['peak_rss_mb']:6.0f} MB "
-              f"(inference {result['inference_rss_mb']:5.0f} MB)  grid {result['shape']}", flush=True)
+        print(f"{name:55s} {result['seconds']:7.1f} s (CPU {result['cpu_seconds']:6.1f} s)  "
+              f"peak RSS {result['peak_rss_mb']:6.0f} MB (inference {result['inference_rss_mb']:5.0f} MB)  grid {result['shape']}", flush=True)
     same_ours, same_monai = results["same settings: med3d"], results["same settings: MONAI"]
     diff = float(np.abs(same_ours["probs"] - same_monai["probs"]).max())
-    print(f"same settings: max |p(ours) - p(MONAI)| = {diff:.2e}; label Dice {_dice(same_ours['probs'], same_monai['probs']):.5f}; "
+    print(f"same settings: max |p(ours) - p(MONAI)| = {diff:.2e}; "
+          f"label Dice {_dice(same_ours['probs'], same_monai['probs']):.5f}; "
           f"speed ratio MONAI/ours {same_monai['seconds'] / same_ours['seconds']:.2f}x "
           f"(CPU time {same_monai['cpu_seconds'] / same_ours['cpu_seconds']:.2f}x)")
     common = results["MONAI common (roi 96^3, overlap 0.25, constant)"]
@@ -165,8 +167,9 @@ def main() -> None:
               f"(CPU time {common['cpu_seconds'] / r['cpu_seconds']:.2f}x), inference RSS "
               f"{r['inference_rss_mb']:.0f} vs {common['inference_rss_mb']:.0f} MB, label Dice vs MONAI common "
               f"{_dice(r['probs'], common['probs']):.4f}")
-    if "med3d defaults, bf16 + channels-last" in results:
-        fp32, bf16 = results["med3d defaults (tile 96x160x160, overlap 0.1), fp32"], results["med3d defaults, bf16 + channels-last"]
+    if "med3d defaults, bf16" in results:
+        fp32 = results["med3d defaults (tile 96x160x160, overlap 0.1), fp32"]
+        bf16 = results["med3d defaults, bf16"]
         print(f"bf16 vs fp32 (our defaults): max |dp| {float(np.abs(fp32['probs'] - bf16['probs']).max()):.3f}, "
               f"label Dice {_dice(fp32['probs'], bf16['probs']):.4f}, speed {fp32['seconds'] / bf16['seconds']:.2f}x")
 
