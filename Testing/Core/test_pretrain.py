@@ -67,8 +67,9 @@ def test_a_step_on_one_domain_changes_only_the_encoder_and_that_branch(tmp_path)
 
 def test_pretrain_exports_a_bundle_and_a_medicalnet_file(phantom_config, tmp_path):
     events = []
-    result = pretrain(phantom_config, tmp_path / "run", device="cpu", reporter=events.append,
-                      overrides=dict(TINY, steps=4))
+    result = pretrain(phantom_config, tmp_path / "run", device="cpu", reporter=events.append, cache_dir=None,
+                      overrides=dict(TINY, steps=4))  # no cache here; the subprocess tests use the default one
+    assert not (tmp_path / "run" / "cache").exists()
     # MedicalNet layout: module.<key>, backbone only, loads strictly into resnet3d of the same depth.
     raw = safe_load(result.medicalnet_path)
     assert set(raw) == {"state_dict"} and all(k.startswith("module.") for k in raw["state_dict"])

@@ -1,5 +1,7 @@
 """Med3DWidget's slots against the Slicer double, with stand-ins for the widgets of Med3D.ui: model lists and
-explanations, Apply turning into Cancel, results in the panel and a table, and the fine-tuning timer."""
+explanations, Apply turning into Cancel, results in the panel and a table, the fine-tuning timer, and the
+panel's state across re-binding (enter, scene close and load) and in-process runs (only Cancel enabled, a
+scene close cancels)."""
 from __future__ import annotations
 
 import math
