@@ -42,7 +42,7 @@ import torch
 
 from .errors import Med3DError
 from .preprocess import PreprocessSpec, median_spacing, prepare_label, preprocess_image
-from .volume import Volume, read_volume, to_canonical
+from .volume import Volume, canonical_spacing, read_volume
 
 PathLike = Union[str, "os.PathLike[str]"]
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -270,7 +270,7 @@ def load_run_config(path: PathLike) -> RunConfig:
 # Validation
 
 
-def _read_label(case: Case, domain: Domain, image: Volume) -> Volume:
+def _read_label(case: Case, domain: Domain) -> Volume:
     """The case's label map in the domain's label space (masks merged, label_map applied), on its own grid."""
     if case.label is not None:
         raw = read_volume(case.label)
@@ -304,7 +304,7 @@ def _check_case(case: Case, domain: Domain) -> Tuple[List[str], Optional[Tuple[f
     except Med3DError as exc:
         return [f"{where}: image: {exc}"], None
     try:
-        label = _read_label(case, domain, image)
+        label = _read_label(case, domain)
     except Med3DError as exc:
         return [f"{where}: label: {exc}"], None
     problems = []
@@ -319,9 +319,7 @@ def _check_case(case: Case, domain: Domain) -> Tuple[List[str], Optional[Tuple[f
     if outside:
         problems.append(f"{where}: label values {outside} are outside the domain's label space "
                         f"{sorted(domain.label_names)}; add them to 'labels' or map them with 'label_map'")
-    _, orientation = to_canonical(image)
-    spacing = tuple(image.spacing[a] for a in orientation.axes)
-    return problems, spacing  # type: ignore[return-value]
+    return problems, canonical_spacing(image)
 
 
 def validate_domains(domains: Sequence[Domain]) -> Dict[str, Tuple[float, float, float]]:
@@ -379,7 +377,10 @@ def preprocess_case(case: Case, domain: Domain, spec: PreprocessSpec) -> Tuple[n
     """Read and preprocess one pair: float32 image and uint8 label map on the network grid (K, J, I)."""
     image = read_volume(case.image)
     array, prepared = preprocess_image(image, spec)
-    labels = prepare_label(_read_label(case, domain, image), prepared)
+    labels = prepare_label(_read_label(case, domain), prepared)
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255):
+        raise Med3DError(f"case {case.case_id} of domain '{domain.name}' has label values outside 0..255; map them "
+                         "into the domain's label space with 'label_map'")
     return array, labels.astype(np.uint8)
 
 

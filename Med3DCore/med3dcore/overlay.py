@@ -42,6 +42,16 @@ def _panels(image: np.ndarray, labels: np.ndarray, centre: Sequence[int]) -> Lis
     ]
 
 
+def _edges(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose label differs from a 4-neighbour's (the outline of every labelled region)."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    return edge
+
+
 def render_overlay(image: Volume, labels: Volume, label_info: Optional[Sequence[Mapping]] = None,
                    window: Optional[Tuple[float, float]] = None, height: int = 320,
                    opacity: float = 0.45) -> np.ndarray:
@@ -76,9 +86,11 @@ def render_overlay(image: Volume, labels: Volume, label_info: Optional[Sequence[
         g = resize(grey_slice, size, order=1, mode="edge", anti_aliasing=False, preserve_range=True)
         lab_px = resize(label_slice, size, order=0, mode="edge", anti_aliasing=False, preserve_range=True).astype(int)
         rgb = np.repeat((g * 255.0)[..., None], 3, axis=2)
+        edge = _edges(lab_px)
         for value, color in colors.items():
             where = lab_px == value
             rgb[where] = (1.0 - opacity) * rgb[where] + opacity * np.asarray(color, dtype=float)
+            rgb[where & edge] = color  # a solid outline keeps pale colours visible on dark tissue
         picture = Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
         ImageDraw.Draw(picture).text((4, 2), name, fill=(255, 255, 0))
         pictures.append(np.asarray(picture))

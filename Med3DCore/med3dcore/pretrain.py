@@ -98,6 +98,12 @@ def split_training(training: Mapping[str, Any]) -> tuple:
     """A config's ``training`` section as (TrainConfig, sampling settings)."""
     sampling = {k: training[k] for k in SAMPLING_KEYS if k in training}
     rest = {k: v for k, v in training.items() if k not in SAMPLING_KEYS}
+    try:
+        sampling["patch_size"] = [int(p) for p in sampling.get("patch_size", DEFAULT_PATCH)]
+        sampling["foreground_share"] = float(sampling.get("foreground_share", 0.5))
+    except (TypeError, ValueError):
+        raise Med3DError(f"training config: patch_size must be three whole numbers and foreground_share a number, "
+                         f"got {sampling.get('patch_size')!r} and {sampling.get('foreground_share')!r}") from None
     return TrainConfig.from_dict(rest), sampling
 
 
@@ -145,8 +151,7 @@ def pretrain(config_path, out_dir, *, resume: bool = False, device: Optional[str
 
     seed_everything(config.seed)
     model = build_pretrain_model(run)
-    sampler = PatchSampler(data, sampling.get("patch_size", DEFAULT_PATCH), config.batch_size,
-                           float(sampling.get("foreground_share", 0.5)),
+    sampler = PatchSampler(data, sampling["patch_size"], config.batch_size, sampling["foreground_share"],
                            str(sampling.get("domain_sampling", "round_robin")), seed=config.seed,
                            rank=ctx.rank, world_size=ctx.world_size)
     names = [d.name for d in run.domains]
@@ -185,7 +190,7 @@ def export_encoder(model: MultiDomainNet, run: RunConfig, spacings: Mapping[str,
         bundle_path, net, architecture=architecture, task={"type": "encoder", "name": run.name},
         labels=[], preprocessing=None,
         provenance={"data": {"config": str(run.path), "domains": domains}, "steps": config.total_steps,
-                    "batch_size": config.batch_size, "patch_size": list(sampling.get("patch_size", DEFAULT_PATCH)),
+                    "batch_size": config.batch_size, "patch_size": list(sampling["patch_size"]),
                     "processes": world_size, "training": config.to_dict(),
                     "metrics": {f"final_loss[{n}]": v for n, v in losses.items()}},
         extra={"branches": branches, "head_is_branch_of": first.name}, overwrite=True)

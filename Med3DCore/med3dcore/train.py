@@ -43,6 +43,7 @@ Fine-tuning uses it like this::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -95,6 +96,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        self._coerce_numbers()
         if self.epochs is not None:
             if not self.steps_per_epoch or self.epochs < 1 or self.steps_per_epoch < 1:
                 raise Med3DError("epochs needs steps_per_epoch >= 1 (and epochs >= 1); or give steps instead")
@@ -118,6 +120,26 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise Med3DError(f"training config: {message}")
+
+    def _coerce_numbers(self) -> None:
+        # Config files give strings at times (YAML reads 1e-3 as text): convert, or say which setting is wrong.
+        ints = ("steps", "epochs", "steps_per_epoch", "batch_size", "micro_batch", "warmup_steps",
+                "checkpoint_every", "validate_every", "log_every", "seed")
+        floats = ("lr", "pretrained_lr", "weight_decay", "poly_power", "grad_clip")
+        for name in ints + floats:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                number = float(value)
+                if name in ints:
+                    if number != int(number):
+                        raise ValueError
+                    number = int(number)
+            except (TypeError, ValueError):
+                kind = "a whole number" if name in ints else "a number"
+                raise Med3DError(f"training config: {name} must be {kind}, got {value!r}") from None
+            setattr(self, name, number)
 
     @property
     def total_steps(self) -> int:
@@ -354,8 +376,12 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         if mismatch:
             raise Med3DError(f"cannot resume: the checkpoint was made with different {', '.join(mismatch)} "
                              f"({', '.join(f'{k}={saved.get(k)}' for k in mismatch)}); use the original settings")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            raise Med3DError(f"cannot resume: {last_path} holds a different network (e.g. other domains, classes or "
+                             f"depth): {str(exc).splitlines()[0]}; resume with the original config") from None
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         for name, obj in stateful.items():
@@ -374,12 +400,12 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
 
     def save_last(step: int) -> None:
         nonlocal last_saved_step
-        if not ctx.is_main:
-            return
-        if not _all_finite(model):
+        if not _all_finite(model):  # checked on every rank (same weights), so all stop together
             raise Med3DError(f"training stopped: the weights became NaN/inf at step {step}; the last good "
                              f"checkpoint {last_path} (step {last_saved_step}) is kept: resume from it with a "
                              "lower learning rate or gradient clipping")
+        if not ctx.is_main:
+            return
         atomic_save({"format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -436,8 +462,9 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         for piece in split_batch(batch, parts):
             for b, b0 in zip(bn_stats, bn_start):  # every micro-batch updates from the same running statistics
                 b.copy_(b0)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
+                        else contextlib.nullcontext())
+            with autocast:
                 loss, metrics = compute_loss(model, piece)
             value = float(loss.detach())
             total_loss += value / parts

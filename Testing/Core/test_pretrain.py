@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -158,11 +156,10 @@ def test_torchrun_two_processes_match_one_process(phantom_config, tmp_path):
     settings = {"steps": 3, "batch_size": 4, "micro_batch": 2, "checkpoint_every": 0}
     single = pretrain(phantom_config, tmp_path / "single", device="cpu", overrides=dict(TINY, **settings))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "--master_addr=127.0.0.1", "-m", "med3dcore.cli.__init__"]
-    script = tmp_path / "med3d_entry.py"
+    script = tmp_path / "med3d_entry.py"  # what the `med3d` console script does
     script.write_text("import sys\nfrom med3dcore.cli import main\nsys.exit(main())\n")
-    cmd = cmd[:-2] + [str(script)] + _tiny_args(phantom_config, tmp_path / "ddp", **settings)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", str(script)] + _tiny_args(phantom_config, tmp_path / "ddp", **settings)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     events = [e for e in map(decode_event, done.stdout.splitlines()) if e]
@@ -183,9 +180,13 @@ def test_torchrun_two_processes_match_one_process(phantom_config, tmp_path):
             assert float((diff > 1e-5).float().mean()) < 1e-3, key
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(phantom_config, tmp_path):
     done = subprocess.run(_cli("pretrain", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
     assert done.stderr.startswith("med3d pretrain: error: config file") and "does not exist" in done.stderr
+    with pytest.raises(Med3DError, match="patch_size must be three whole numbers"):
+        pretrain(phantom_config, tmp_path / "o", overrides={"patch_size": "big"})
+    with pytest.raises(Med3DError, match="unknown training setting\\(s\\) stepz"):
+        pretrain(phantom_config, tmp_path / "o", overrides={"stepz": 3})

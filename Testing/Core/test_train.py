@@ -102,6 +102,11 @@ def test_resume_without_checkpoint_and_rerun_over_one_are_errors(tmp_path):
     _run(tmp_path, steps=2)
     with pytest.raises(Med3DError, match="exists from an earlier run; pass --resume"):
         _run(tmp_path, steps=2)
+    with pytest.raises(Med3DError, match="holds a different network"):
+        seed_everything(0)
+        other = nn.Sequential(nn.Conv3d(1, 2, 1))
+        train(other, TrainConfig(steps=3, batch_size=4, device="cpu"), Batches().next_batch,
+              lambda m, b: (m(b["image"]).mean(), {}), tmp_path, resume=True)
     with pytest.raises(Med3DError, match="different batch_size"):
         seed_everything(0)
         train(TinyNet(), TrainConfig(steps=3, batch_size=2, device="cpu"), Batches(2).next_batch, seg_loss,
@@ -203,6 +208,7 @@ def test_param_groups_and_schedules():
     cosine = TrainConfig(steps=10, schedule="cosine")
     assert lr_factor(0, cosine) == 1.0 and lr_factor(5, cosine) == pytest.approx(0.5) and lr_factor(10, cosine) == 0
     assert TrainConfig(epochs=3, steps_per_epoch=4).total_steps == 12
+    assert TrainConfig.from_dict({"lr": "1e-3", "steps": "10"}).lr == 0.001  # YAML reads 1e-3 as a string
 
 
 def test_learning_rates_follow_the_schedule_per_group(tmp_path):
@@ -237,6 +243,8 @@ def test_validation_keeps_the_best_checkpoint(tmp_path):
     ({"schedule": "step"}, "schedule 'step' unknown"),
     ({"amp": "fp8"}, "amp 'fp8' unknown"),
     ({"epochs": 2}, "epochs needs steps_per_epoch"),
+    ({"lr": "fast"}, "lr must be a number, got 'fast'"),
+    ({"steps": 2.5}, "steps must be a whole number"),
 ])
 def test_bad_training_settings_are_clear_errors(settings, message):
     with pytest.raises(Med3DError, match=message):
