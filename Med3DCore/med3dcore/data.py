@@ -49,6 +49,9 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DOMAIN_SAMPLING = ("round_robin", "proportional")
 CACHE_VERSION = 1
 GEOMETRY_TOLERANCE = 1e-3  # mm (and direction cosines) between an image and its label map
+CONFIG_KEYS = ("name", "domains", "model", "training", "env_defaults")
+DOMAIN_KEYS = ("name", "modality", "labels", "label_map", "spacing", "window", "images", "masks", "csv",
+               "dataset_json", "cases")
 
 
 @dataclass
@@ -143,9 +146,13 @@ def _cases_from_folders(images: Path, masks: Path) -> List[Case]:
 
 def _cases_from_csv(path: Path, env: Mapping[str, str]) -> List[Case]:
     if not path.is_file():
-        raise Med3DError(f"CSV file {path} does not exist; check the domain's 'csv' path")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        raise Med3DError(f"CSV file {path} does not exist; check the path")
+    try:  # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as exc:
+        raise Med3DError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); save the table as "
+                         "CSV UTF-8") from None
     if not rows or "image" not in rows[0] or not ({"label", "mask"} & set(rows[0])):
         raise Med3DError(f"{path} needs a header with 'image' and 'label' columns and at least one row")
     return [Case(row.get("case_id") or _case_key(Path(row["image"])), _expand(row["image"], path.parent, env),
@@ -170,10 +177,16 @@ def _read_msd(path: Path, env: Mapping[str, str]) -> Tuple[List[Case], Dict[int,
 def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping[str, str]] = None) -> Domain:
     """One domain from a config entry (see the module docstring); relative paths are relative to ``base``."""
     env = env or {}
+    if not isinstance(entry, Mapping):
+        raise Med3DError(f"each entry of 'domains' must be a mapping (name, modality, labels, a data source), "
+                         f"got {entry!r}")
     name = str(entry.get("name") or "")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise Med3DError(f"every domain needs a 'name' of letters, digits, '_' or '-' (it names the domain's "
                          f"branch), got {name!r}")
+    unknown = sorted(str(k) for k in entry if k not in DOMAIN_KEYS)
+    if unknown:  # e.g. a misspelt 'modality' would silently make an MR domain CT
+        raise Med3DError(f"domain '{name}': unknown key(s) {', '.join(unknown)}; known: {', '.join(DOMAIN_KEYS)}")
     sources = [k for k in ("images", "csv", "dataset_json", "cases") if k in entry]
     if len(sources) != 1:
         raise Med3DError(f"domain '{name}' must give exactly one of images+masks, csv, dataset_json or cases "
@@ -233,8 +246,8 @@ def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping
 def _read_config_file(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise Med3DError(f"config file {path} does not exist")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8-sig")
         if path.suffix.lower() in (".yaml", ".yml"):
             try:
                 import yaml
@@ -246,10 +259,23 @@ def _read_config_file(path: Path) -> Dict[str, Any]:
     except Med3DError:
         raise
     except Exception as exc:  # a parse error of either format
-        raise Med3DError(f"cannot parse config {path}: {str(exc).splitlines()[0]}") from None
+        raise Med3DError(f"cannot parse config {path}: {_parse_problem(exc)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("domains"), list) or not data["domains"]:
         raise Med3DError(f"config {path} must be a mapping with a non-empty 'domains' list")
+    unknown = sorted(str(k) for k in data if k not in CONFIG_KEYS)
+    if unknown:  # a misspelt section would otherwise be ignored without a word
+        raise Med3DError(f"config {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}")
     return data
+
+
+def _parse_problem(exc: Exception) -> str:
+    """One line saying what a JSON/YAML parser found wrong and where (YAML messages span several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_run_config(path: PathLike) -> RunConfig:
@@ -318,7 +344,8 @@ def _check_case(case: Case, domain: Domain) -> Tuple[List[str], Optional[Tuple[f
     outside = sorted(values - set(domain.label_names))
     if outside:
         problems.append(f"{where}: label values {outside} are outside the domain's label space "
-                        f"{sorted(domain.label_names)}; add them to 'labels' or map them with 'label_map'")
+                        f"{sorted(domain.label_names)}; add them to 'labels' or map them with 'label_map' "
+                        "(med3d finetune: --label-map, e.g. 5:1)")
     return problems, canonical_spacing(image)
 
 

@@ -107,14 +107,35 @@ def split_training(training: Mapping[str, Any]) -> tuple:
     return TrainConfig.from_dict(rest), sampling
 
 
-def build_pretrain_model(run: RunConfig) -> MultiDomainNet:
+def _backbone(run: RunConfig) -> Dict[str, Any]:
+    """The config's ``model`` section as a backbone description (unknown keys and bad values are errors)."""
     model_cfg = dict(run.model)
     unknown = sorted(set(model_cfg) - {"depth", "shortcut_type", "preact"})
     if unknown:
         raise Med3DError(f"unknown model setting(s) {', '.join(unknown)}; known: depth, shortcut_type, preact")
-    backbone = {"depth": int(model_cfg.get("depth", 10)), "shortcut_type": str(model_cfg.get("shortcut_type", "B")),
-                "preact": bool(model_cfg.get("preact", False))}
-    return MultiDomainNet(build_encoder(backbone), {d.name: d.num_classes for d in run.domains})
+    try:
+        depth = int(model_cfg.get("depth", 10))
+    except (TypeError, ValueError):
+        raise Med3DError(f"model depth must be a whole number (10, 18, 34, ...), got {model_cfg.get('depth')!r}") \
+            from None
+    return {"depth": depth, "shortcut_type": str(model_cfg.get("shortcut_type", "B")),
+            "preact": bool(model_cfg.get("preact", False))}
+
+
+def _check_backbone(backbone: Mapping[str, Any]) -> None:
+    """The checks :func:`~med3dcore.nets.resnet.resnet3d` makes, without building the network."""
+    from .nets.resnet import DEPTHS, SHORTCUT_TYPES
+
+    if backbone["depth"] not in DEPTHS:
+        raise Med3DError(f"unknown ResNet depth {backbone['depth']!r} in the config's model section; choose one of: "
+                         f"{', '.join(str(d) for d in DEPTHS)}")
+    if backbone["shortcut_type"].upper() not in SHORTCUT_TYPES:
+        raise Med3DError(f"unknown shortcut type {backbone['shortcut_type']!r} in the config's model section; "
+                         f"choose 'A' or 'B'")
+
+
+def build_pretrain_model(run: RunConfig) -> MultiDomainNet:
+    return MultiDomainNet(build_encoder(_backbone(run)), {d.name: d.num_classes for d in run.domains})
 
 
 def pretrain(config_path, out_dir, *, resume: bool = False, device: Optional[str] = None,
@@ -132,15 +153,18 @@ def pretrain(config_path, out_dir, *, resume: bool = False, device: Optional[str
         training["device"] = device
     config, sampling = split_training(training)
     dev = training_device(config.device)
+    _check_backbone(_backbone(run))  # a bad model section fails now, not after the data are read and cached
     ctx = distributed_context(dev)
     say = reporter if ctx.is_main else null_reporter
     out = Path(out_dir)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise Med3DError(f"--out {out} is a file, not a folder; give a folder for the checkpoints and the encoder")
 
     say(make_event("pretrain", kind="message", message=f"checking {sum(len(d.cases) for d in run.domains)} cases "
                    f"of {len(run.domains)} domains"))
     spacings = validate_domains(run.domains)
+    if ctx.is_main:  # only now: bad data leave no empty output folder behind
+        out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache" if cache_dir == "default" else cache_dir
     data = PreparedCases(run.domains, spacings, cache)
     if cache is not None:

@@ -26,6 +26,7 @@ from .progress import Reporter, make_event, null_reporter
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 PRECISIONS = ("auto", "fp32", "bf16", "amp")
 BLENDS = ("gaussian", "constant")
+MIN_WEIGHT = 1e-3
 
 
 def tile_starts(size: int, tile: int, overlap: float) -> List[int]:
@@ -38,8 +39,8 @@ def tile_starts(size: int, tile: int, overlap: float) -> List[int]:
 
 
 def importance_map(tile: Sequence[int], blend: str = "gaussian", sigma_scale: float = 0.125) -> torch.Tensor:
-    """Per-voxel weight of a tile's prediction: a separable Gaussian (sigma = sigma_scale * tile) with maximum 1,
-    or all ones for ``constant`` (plain averaging)."""
+    """Per-voxel weight of a tile's prediction: a separable Gaussian (sigma = sigma_scale * tile) with maximum 1
+    and minimum :data:`MIN_WEIGHT`, or all ones for ``constant`` (plain averaging)."""
     if blend not in BLENDS:
         raise Med3DError(f"unknown blend mode '{blend}'; choose one of: {', '.join(BLENDS)}")
     if blend == "constant":
@@ -51,8 +52,8 @@ def importance_map(tile: Sequence[int], blend: str = "gaussian", sigma_scale: fl
         axes.append(torch.exp(-0.5 * ((x - (length - 1) / 2.0) / sigma) ** 2))
     weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     weights = weights / weights.max()
-    # Corner voxels of a volume are seen by one tile only; keep their weight representable in float32.
-    return weights.clamp(min=1e-20).to(torch.float32)
+    # A floor of 1e-3 (as MONAI uses): voxels that only tile borders see keep a well-defined, non-vanishing weight.
+    return weights.clamp(min=MIN_WEIGHT).to(torch.float32)
 
 
 def _round_up(value: int, multiple: int) -> int:

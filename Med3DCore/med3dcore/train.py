@@ -351,7 +351,11 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     ckpt_dir = out / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     if ctx.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. the output "folder" is an existing file
+            raise Med3DError(f"cannot create the output folder {ckpt_dir}: {exc.strerror or exc}; give an --out "
+                             "folder that is not a file and that you may write to") from None
         for stale in ckpt_dir.glob(".*.pt.*.tmp"):  # a write cut short by a kill (the real file is intact)
             stale.unlink()
 

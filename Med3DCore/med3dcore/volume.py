@@ -248,7 +248,8 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str]) -> sitk.Image:
         series_uid = series[0][0]
     elif series_uid not in [uid for uid, _, _ in series]:
         known = ", ".join(uid or "(no uid)" for uid, _, _ in series)
-        raise Med3DError(f"DICOM series '{series_uid}' is not in folder '{folder}'; series there: {known}")
+        hint = "; leave out the series UID to read the only one" if len(series) == 1 else ""
+        raise Med3DError(f"DICOM series '{series_uid}' is not in folder '{folder}'; series there: {known}{hint}")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
     reader.MetaDataDictionaryArrayUpdateOn()  # slice positions, to check the spacing below
@@ -459,6 +460,9 @@ def write_volume(volume: Volume, path: PathLike, overwrite: bool = False, compre
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
     os.close(handle)
     try:
+        umask = os.umask(0)  # mkstemp makes the file owner-only (0600): give it a plain file's permissions
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         _write(image, Path(tmp_name), compress)
         os.replace(tmp_name, path)
     finally:

@@ -168,7 +168,8 @@ def _load_failure(path: Path, head: bytes, exc: Exception) -> str:
         return (f"{path} is a Python pickle that is not a PyTorch checkpoint which can be loaded safely; give a "
                 f".pth/.pt file saved with torch.save")
     if isinstance(exc, (EOFError, RuntimeError)) or "EOF" in text or "zip" in text.lower():
-        return (f"{path} is damaged or truncated (PyTorch cannot read it: {_first_line(text)[:90]}); an "
+        reason = _first_line(text).split(". ")[0].rstrip(".")[:120]  # the first sentence, not a cut-off one
+        return (f"{path} is damaged or truncated (PyTorch cannot read it: {reason}); an "
                 f"interrupted download or save? get the file again")
     return f"cannot read {path} as a PyTorch checkpoint: {type(exc).__name__}: {_first_line(text)}"
 
@@ -185,6 +186,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
         raise Med3DError(f"cannot save {path}: folder {folder} does not exist; create it first")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
     try:
+        _default_mode(tmp_name)
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -201,6 +203,14 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
         raise
     _fsync_folder(folder)
     return path
+
+
+def _default_mode(name: str) -> None:
+    """Give a temporary file the permissions a plainly created file would get (mkstemp makes it owner-only, 0600,
+    so a model saved into a shared folder would be unreadable to colleagues and to Slicer run by another user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -687,6 +697,7 @@ def download_weights(url: str, dest: PathLike, sha256: Optional[str] = None,
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent))
     digest = hashlib.sha256()
     try:
+        _default_mode(tmp_name)
         with os.fdopen(fd, "wb") as out:
             try:
                 response = urllib.request.urlopen(url, timeout=timeout)

@@ -34,6 +34,8 @@ def test_importance_map_gaussian_peak_and_symmetry():
     assert w[2, 3, 4] == w.max() or w[2, 4, 4] == w.max()
     assert torch.allclose(w, w.flip(0)) and torch.allclose(w, w.flip(1)) and torch.allclose(w, w.flip(2))
     assert w.min().item() > 0
+    # Far from the centre the weight stops at the floor (1e-3), so border-only voxels stay well defined.
+    assert importance_map((64, 64, 64)).min().item() == pytest.approx(1e-3)
     # sigma = 0.125 * 16 = 2: one sigma from the (odd-length) centre the 1-D weight is exp(-1/2).
     w1 = importance_map((1, 1, 17))[0, 0]
     assert w1[8 + 2].item() == pytest.approx(float(torch.exp(torch.tensor(-0.5 * (2 / 2.125) ** 2))), rel=1e-5)

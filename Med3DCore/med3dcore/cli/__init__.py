@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import List, Optional
 
@@ -32,8 +33,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE = re.compile(r"^-\d")
+
+
+def _join_negative_values(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
+    """``--roi -12.5,3,...`` -> ``--roi=-12.5,3,...``: argparse takes a value that starts with '-' and is not a
+    plain number (a comma list) for an option and says "expected one argument"; join such values to their option
+    when the option takes one."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = sub.choices.get(argv[0]) if sub is not None and argv else None
+    if command is None:
+        return argv
+    out: List[str] = []
+    for token in argv:
+        action = command._option_string_actions.get(out[-1]) if out else None
+        if action is not None and action.nargs is None and _NEGATIVE.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = _join_negative_values(parser, list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
