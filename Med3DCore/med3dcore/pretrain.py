@@ -159,6 +159,12 @@ def pretrain(config_path, out_dir, *, resume: bool = False, device: Optional[str
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise Med3DError(f"--out {out} is a file, not a folder; give a folder for the checkpoints and the encoder")
+    last = out / "checkpoints" / "last.pt"  # the training loop checks these too, but only after the data are cached
+    if resume and not last.is_file():
+        raise Med3DError(f"--resume was given but {last} does not exist; start without --resume")
+    if not resume and last.exists():
+        raise Med3DError(f"{last} exists from an earlier run; pass --resume to continue it or choose a new "
+                         "output folder")
 
     say(make_event("pretrain", kind="message", message=f"checking {sum(len(d.cases) for d in run.domains)} cases "
                    f"of {len(run.domains)} domains"))

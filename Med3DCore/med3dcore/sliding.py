@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import Med3DError
+from .lowmem import slab_forward, supports_slabs
 from .progress import Reporter, make_event, null_reporter
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 PRECISIONS = ("auto", "fp32", "bf16", "amp")
 BLENDS = ("gaussian", "constant")
 MIN_WEIGHT = 1e-3
+SLAB = 32  # output slices per slab of the lung decoder's full-resolution group (see lowmem.py)
 
 
 def tile_starts(size: int, tile: int, overlap: float) -> List[int]:
@@ -139,13 +141,14 @@ def sliding_window(predict: Predictor, image: Union[torch.Tensor, np.ndarray], t
 
 
 def make_predictor(model: nn.Module, device: Union[str, torch.device], precision: str = "auto",
-                   activation: str = "softmax") -> Predictor:
+                   activation: str = "softmax", slabs: bool = True) -> Predictor:
     """Wrap a network for :func:`sliding_window`: eval mode on ``device``, chosen precision, output activation.
 
     ``precision``: ``fp32``; ``bf16`` (bfloat16 weights and inputs: faster only on CPUs with native bf16, about
     1% output error); ``amp`` (float16 autocast, CUDA only); ``auto`` = ``amp`` on CUDA, ``fp32`` elsewhere. On
     CPU the model and inputs use the channels-last layout. The model is moved (and for ``bf16`` converted) in
-    place. ``activation``: ``softmax`` over classes, ``sigmoid`` or ``none``. Outputs are float32.
+    place. ``activation``: ``softmax`` over classes, ``sigmoid`` or ``none``. Outputs are float32. ``slabs``: run
+    a lung decoder's full-resolution group in slabs (``lowmem.py``; identical values, lower peak memory).
     """
     device = torch.device(device)
     if precision not in PRECISIONS:
@@ -163,13 +166,16 @@ def make_predictor(model: nn.Module, device: Union[str, torch.device], precision
     layout = torch.channels_last_3d if device.type == "cpu" or precision == "bf16" else torch.contiguous_format
     model = model.to(dtype=dtype, memory_format=layout)
 
+    # The lung decoder's full-resolution group runs in slabs: same values, a fraction of the peak memory.
+    forward = (lambda x: slab_forward(model, x, SLAB)) if slabs and supports_slabs(model) else model  # noqa: E731
+
     def predict(batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(device=device, dtype=dtype).contiguous(memory_format=layout)
         if precision == "amp":
             with torch.autocast(device_type="cuda", dtype=torch.float16):
-                logits = model(batch)
+                logits = forward(batch)
         else:
-            logits = model(batch)
+            logits = forward(batch)
         logits = logits.float()
         if activation == "softmax":
             return torch.softmax(logits, dim=1)

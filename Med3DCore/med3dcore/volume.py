@@ -7,14 +7,16 @@ series folders, all through SimpleITK.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -367,10 +369,35 @@ def _checked_file(path: Path) -> str:
     return suffix
 
 
-def _unreadable(path: Path, suffix: str, exc: Exception) -> Med3DError:
+def _unreadable(path: Path, suffix: str, exc: Exception, printed: str = "") -> Med3DError:
     kind = FILE_FORMATS[suffix]
+    # MetaIO says why on stderr ("data not read completely ...") and raises a vague "File cannot be read".
+    reason = " ".join(line.strip() for line in printed.splitlines() if line.strip())[:200] or _first_line(exc)
     return Med3DError(f"cannot read '{path}' as {kind}: the file is damaged, truncated or not a {kind} image "
-                      f"({_first_line(exc)})")
+                      f"({reason})")
+
+
+@contextlib.contextmanager
+def _library_stderr(collected: List[str]) -> Iterator[None]:
+    """Collect what C++ readers (MetaIO) print straight to the process's stderr, so a damaged file gives one clear
+    message instead of library chatter around it; the text is appended to ``collected``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable stderr (e.g. a GUI process): nothing to collect
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                capture.seek(0)
+                collected.append(capture.read().decode("utf-8", "replace"))
+    finally:
+        os.close(saved)
 
 
 def _snap_direction(direction: np.ndarray) -> np.ndarray:
@@ -401,10 +428,14 @@ def read_volume(path: PathLike, series_uid: Optional[str] = None) -> Volume:
         suffix = _checked_file(path)
         if FILE_FORMATS[suffix] == "NIfTI":
             _check_nifti_complete(path)
+        printed: List[str] = []
         try:
-            image = sitk.ReadImage(str(path))
+            with _library_stderr(printed):
+                image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise _unreadable(path, suffix, exc) from None
+            raise _unreadable(path, suffix, exc, "".join(printed)) from None
+        if "".join(printed).strip():  # warnings of a file that was read: still shown
+            sys.stderr.write("".join(printed))
         if image.GetDimension() == 4 and image.GetSize()[3] == 1:
             image = image[:, :, :, 0]  # a 4D header around one 3D volume
     _check_scalar_3d(image, f"'{path}'")

@@ -75,7 +75,8 @@ def run_one(config: dict) -> dict:
         spec = PreprocessSpec(spacing=config["spacing"], window=(-1000.0, 400.0), modality="CT")
     array, _ = preprocess_image(read_volume(DATA / "ct" / "chest_ct.nrrd"), spec)
     image = torch.from_numpy(array)[None]
-    predict = make_predictor(net, "cpu", config["precision"])
+    # MONAI runs the network as its users do (plain forward); med3d adds its slab-wise decoder (same values).
+    predict = make_predictor(net, "cpu", config["precision"], slabs=config["tool"] == "med3d")
     with torch.inference_mode():  # warm-up on a small input (oneDNN primitive creation) outside the timing
         predict(torch.zeros(1, 1, 16, 32, 32))
     base = _current_rss_mb()
