@@ -10,6 +10,7 @@ from PIL import Image
 
 from med3dcore.cli import main
 from med3dcore.phantoms import make_ct_phantom
+from med3dcore.preprocess import PreprocessSpec
 from med3dcore.volume import read_volume, write_volume
 from test_infer import segmentation_bundle
 
@@ -72,7 +73,8 @@ def test_segment_finds_model_in_models_folder(setup, tmp_path, monkeypatch, caps
 
 def test_segment_dicom_series_keeps_series_geometry(data_dir, tmp_path):
     series = data_dir / "dicom" / "abdomen_ct_series"
-    model = segmentation_bundle(tmp_path / "lung.pt", bias=[0.0, 5.0])
+    coarse = PreprocessSpec(spacing=(6.0, 6.0, 6.0), modality="CT")  # a small grid: geometry is what is tested
+    model = segmentation_bundle(tmp_path / "lung.pt", bias=[0.0, 5.0], spec=coarse)
     out = tmp_path / "labels.nrrd"
     assert main(["segment", str(series), str(out), "--model", str(model), "--progress", "none",
                  "--no-clean-up"]) == 0
