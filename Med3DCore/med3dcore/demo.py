@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .devices import resolve_device
 from .errors import Med3DError
 from .progress import Reporter, make_event, null_reporter
 
@@ -121,7 +122,8 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int
     by the pretrained model, in the phantom's geometry), ``heldout_overlay.png``, ``report.md``/``report.json``,
     and the models under ``models/``.
     """
-    from .finetune import ClassificationSettings, SegmentationSettings, finetune_classification, finetune_segmentation
+    from .finetune import (ClassificationSettings, SegmentationSettings, clear_checkpoints, finetune_classification,
+                           finetune_segmentation)
     from .nodules import NoduleInputSpec
     from .infer import classify, segment
     from .overlay import write_overlay
@@ -132,9 +134,14 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int
     reporter = reporter or null_reporter
     size = QUICK if quick else FULL
     out = Path(out_dir)
+    resolve_device(device)  # a missing GPU is an error before anything is written
+    if out.exists() and not out.is_dir():
+        raise Med3DError(f"--out {out} is a file; give a folder for the demo's outputs")
     report_path = out / "report.md"
     if report_path.exists() and not overwrite:
         raise Med3DError(f"{out} already holds a demo (report.md); choose another --out or pass --overwrite")
+    if overwrite:
+        clear_checkpoints(out)  # otherwise the earlier run's training checkpoints would ask for --resume
     out.mkdir(parents=True, exist_ok=True)
     say = lambda text: reporter(make_event("demo", kind="message", message=text))  # noqa: E731
     started = time.perf_counter()

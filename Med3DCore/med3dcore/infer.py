@@ -73,6 +73,8 @@ def load_model(model: ModelLike) -> Bundle:
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise Med3DError(f"model must be a path to a Med3D model file or a loaded Bundle, got {type(model).__name__}")
+    if os.path.isdir(model):
+        raise Med3DError(f"{model} is a folder; give the model file (.pt) inside it")
     if not os.path.isfile(model):
         raise Med3DError(f"model file {model} does not exist; give the path of a model saved by med3d finetune "
                          "(or run med3d demo to make one)")

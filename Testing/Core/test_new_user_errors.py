@@ -299,11 +299,7 @@ CASES = [
     pytest.param("segment {ct} {results}/lung.nii.gz", ["--model", "--task"], id="no-model"),
     pytest.param("segment {ct} {results}/lung.nii.gz --model {lung} --task liver", ["'lung' model", "'liver'"],
                  id="model-of-another-task"),
-    pytest.param("segment {ct} {results}/lung.nii.gz --model {base}", ["folder"], id="models-folder-as-model",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "infer.py:76-78 load_model answers a folder given as --model with 'model file X does not exist', "
-                     "which is false and sends the user looking for a missing file; say it is a folder and to give "
-                     "the .pt file inside it (weights.safe_load already has that message)"))),
+    pytest.param("segment {ct} {results}/lung.nii.gz --model {base}", ["folder"], id="models-folder-as-model"),
     pytest.param("finetune --task nodule --csv {nodules_csv} --init {base}/resnet_typo.pth --out {results} "
                  "--progress none", ["no such file", "scratch"], id="missing-init"),
     pytest.param("inspect {png}", ["not a PyTorch checkpoint", "PNG"], id="inspect-png"),
@@ -352,14 +348,9 @@ CASES = [
     pytest.param("evaluate --model {nodule} --csv {nodules_csv} --device cuda", ["cuda", "--device cpu"],
                  id="cuda-evaluate"),
     pytest.param("demo --out {results}/demo --quick --device cuda --progress none", ["cuda", "--device cpu"],
-                 id="cuda-demo", marks=pytest.mark.xfail(strict=True, reason=(
-                     "demo.py:138-159 run_demo creates --out and writes the phantom data (data/lung, data/nodules, "
-                     "data/pretraining ...) before the device is resolved (in pretrain), so --device cuda on a "
-                     "CPU-only machine leaves a half-made demo folder; resolve_device(device) first"))),
+                 id="cuda-demo"),
     pytest.param("demo --out {a_file} --quick --device cpu --progress none", ["file", "folder"],
-                 id="demo-out-is-a-file", marks=pytest.mark.xfail(strict=True, reason=(
-                     "demo.py:138 out.mkdir() on an --out that is an existing file raises FileExistsError: a "
-                     "traceback instead of a one-line error"))),
+                 id="demo-out-is-a-file"),
 ]
 
 
@@ -455,11 +446,6 @@ def test_finetune_reads_a_spreadsheet_csv(files, capsys, no_training):
     _check_error("finetune", code, capsys.readouterr().err, ["reached the training loop"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "demo.py:136-161: `med3d demo --overwrite` into a folder that holds an earlier demo fails with 'pretrain/"
-    "checkpoints/last.pt exists from an earlier run; pass --resume ...' (an option the demo does not have): "
-    "--overwrite clears nothing before pretrain(out / 'pretrain'); clear that run's checkpoints first "
-    "(finetune.clear_checkpoints(out / 'pretrain'))"))
 def test_demo_overwrite_runs_again(tmp_path, capsys, monkeypatch):
     import med3dcore.pretrain
 
@@ -502,10 +488,6 @@ def test_mr_given_to_a_ct_model_warns_with_progress_bar(files, capsys):
         out.unlink(missing_ok=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli/segment.py:115-120: with --progress none the reporter is discarded and the text output prints only the "
-    "written file and volumes, so result.warnings (e.g. 'does not look like a CT') are never shown; print each "
-    "warning (e.g. 'warning: ...' on stderr) whenever --progress is not jsonl"))
 def test_mr_given_to_a_ct_model_warns_without_progress(files, capsys):
     out = files["results"] / "mr_lung_quiet.nii.gz"
     try:

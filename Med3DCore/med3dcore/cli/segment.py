@@ -3,6 +3,7 @@ input's exact geometry and optionally an overlay PNG."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
@@ -116,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
         reporter(make_event("segment", kind="result", output=str(written), overlay=args.overlay,
                             volumes_ml=volumes, warnings=result.warnings))
     else:
+        if args.progress == "none":  # the bar reporter already showed them as message events
+            for warning in result.warnings:
+                print(f"med3d segment: warning: {warning}", file=sys.stderr)
         print(f"wrote {written}" + (f" and {args.overlay}" if args.overlay else ""))
         for name, ml in volumes.items():
             print(f"  {name}: {ml:.1f} mL")
