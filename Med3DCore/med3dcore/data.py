@@ -144,15 +144,21 @@ def _cases_from_folders(images: Path, masks: Path) -> List[Case]:
     return cases
 
 
-def _cases_from_csv(path: Path, env: Mapping[str, str]) -> List[Case]:
+def read_csv_rows(path: Union[str, Path]) -> List[Dict[str, str]]:
+    """The rows of a CSV table with a header, as dicts; the one CSV reader of the project."""
+    path = Path(path)
     if not path.is_file():
         raise Med3DError(f"CSV file {path} does not exist; check the path")
     try:  # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            return list(csv.DictReader(f))
     except UnicodeDecodeError as exc:
         raise Med3DError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); save the table as "
                          "CSV UTF-8") from None
+
+
+def _cases_from_csv(path: Path, env: Mapping[str, str]) -> List[Case]:
+    rows = read_csv_rows(path)
     if not rows or "image" not in rows[0] or not ({"label", "mask"} & set(rows[0])):
         raise Med3DError(f"{path} needs a header with 'image' and 'label' columns and at least one row")
     return [Case(row.get("case_id") or _case_key(Path(row["image"])), _expand(row["image"], path.parent, env),

@@ -128,19 +128,26 @@ def freeze_encoder_parts(model: Med3DNet, parts: Sequence[str]) -> List[str]:
 
 def build_initialised_model(head: Mapping[str, Any], init: Optional[str],
                             backbone: Optional[Mapping[str, Any]] = None) -> Tuple[Med3DNet, Dict[str, Any]]:
-    """A model with the given head on an encoder from ``init``: ``None``/``"scratch"`` (random; ``backbone``,
-    default ResNet-10 shortcut B), or a file holding a 3D-ResNet (Med3D bundle, MedicalNet release, state dict),
-    whose depth and shortcut type it takes. Returns (model, provenance)."""
+    """A model with the given head on an encoder from ``init``: ``None``/``"scratch"`` (random; ``backbone``
+    entries override ResNet-10 shortcut B), or a file holding a 3D-ResNet (Med3D bundle, MedicalNet release, state
+    dict), whose depth and shortcut type it takes; a ``backbone`` entry that contradicts the file is an error.
+    ``None`` values in ``backbone`` mean "not asked". Returns (model, provenance)."""
     from . import weights
 
+    asked = {k: v for k, v in (backbone or {}).items() if v is not None}
     if init in (None, "", "scratch"):
-        arch = {"backbone": dict(backbone or DEFAULT_BACKBONE), "head": dict(head)}
+        arch = {"backbone": {**DEFAULT_BACKBONE, **asked}, "head": dict(head)}
         return build_model(arch), {"init": "scratch", "architecture": arch}
     path = Path(init)
     if not path.is_file():
         raise Med3DError(f"--init {init}: no such file; give a Med3D bundle, a MedicalNet .pth file or 'scratch'")
     info = weights.inspect_file(path)
-    arch = {"backbone": {k: info[k] for k in ("depth", "shortcut_type", "preact")}, "head": dict(head)}
+    found = {k: info[k] for k in ("depth", "shortcut_type", "preact")}
+    if any(found.get(k) != v for k, v in asked.items()):
+        wanted = weights.describe_architecture({**found, **asked})
+        raise Med3DError(f"--init {path} holds {weights.describe_architecture(found)}, but {wanted} was asked; "
+                         "leave out --depth/--shortcut to use the file's network, or start from scratch")
+    arch = {"backbone": found, "head": dict(head)}
     model = build_model(arch)
     weights.load_medicalnet(model, path)
     return model, {"init": str(path), "init_format": info["format"], "architecture": arch}

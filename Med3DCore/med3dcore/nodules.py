@@ -12,7 +12,6 @@ Intensities are clipped to the CT ``window`` (HU) and scaled to [-1, 1].
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
+from .data import read_csv_rows
 from .errors import Med3DError
 from .volume import Volume
 
@@ -212,26 +212,25 @@ def read_nodule_table(csv_path: str) -> List[NoduleCase]:
     if not os.path.isfile(csv_path):
         raise Med3DError(f"classification table {csv_path} does not exist")
     folder = os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
-        if "image" not in columns or not ({"label", "malignancy"} & columns):
-            raise Med3DError(f"{csv_path} needs an 'image' column and a 'label' (or 'malignancy') column; it has "
-                             f"{sorted(columns)}")
-        cases = []
-        for line, row in enumerate(reader, start=2):
-            image = os.path.join(folder, row["image"].strip())
-            if not os.path.exists(image):
-                raise Med3DError(f"{csv_path} line {line}: image {image} does not exist")
-            mask = (row.get("mask") or "").strip() or None
-            if mask is not None:
-                mask = os.path.join(folder, mask)
-                if not os.path.exists(mask):
-                    raise Med3DError(f"{csv_path} line {line}: mask {mask} does not exist")
-            roi = parse_roi(row["roi"]) if (row.get("roi") or "").strip() else None
-            patient = (row.get("patient_id") or "").strip() or image
-            cases.append(NoduleCase(image=image, label=label_from_row(row, line), mask=mask, roi=roi,
-                                    patient=patient))
+    rows = read_csv_rows(csv_path)
+    columns = set(rows[0]) if rows else set()
+    if rows and ("image" not in columns or not ({"label", "malignancy"} & columns)):
+        raise Med3DError(f"{csv_path} needs an 'image' column and a 'label' (or 'malignancy') column; it has "
+                         f"{sorted(columns)}")
+    cases = []
+    for line, row in enumerate(rows, start=2):
+        image = os.path.join(folder, row["image"].strip())
+        if not os.path.exists(image):
+            raise Med3DError(f"{csv_path} line {line}: image {image} does not exist")
+        mask = (row.get("mask") or "").strip() or None
+        if mask is not None:
+            mask = os.path.join(folder, mask)
+            if not os.path.exists(mask):
+                raise Med3DError(f"{csv_path} line {line}: mask {mask} does not exist")
+        roi = parse_roi(row["roi"]) if (row.get("roi") or "").strip() else None
+        patient = (row.get("patient_id") or "").strip() or image
+        cases.append(NoduleCase(image=image, label=label_from_row(row, line), mask=mask, roi=roi,
+                                patient=patient))
     if not cases:
         raise Med3DError(f"{csv_path} has no rows")
     return cases

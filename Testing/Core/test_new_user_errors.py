@@ -5,7 +5,6 @@
 Most cases call ``med3dcore.cli.main`` in-process (fast); a representative handful run the installed ``med3d``
 command in a subprocess, where a traceback would really show. Inputs are tiny synthetic files (SimpleITK, numpy,
 ResNet-10 bundles with random weights); the cases about real scans use ``../shared/data`` (``data_dir``).
-Cases marked xfail are bugs in modules being edited elsewhere; the reason says what is wrong and where.
 """
 from __future__ import annotations
 
@@ -332,11 +331,7 @@ CASES = [
     pytest.param("evaluate --model {lung} --csv {seg_latin1_csv} --device cpu", ["not UTF-8", "CSV UTF-8"],
                  id="evaluate-latin1-csv"),
     pytest.param("finetune --task nodule --csv {nodules_latin1_csv} --out {results} --progress none --device cpu",
-                 ["UTF-8"], id="finetune-latin1-csv",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "nodules.py:215 read_nodule_table opens the CSV with the locale's encoding and does not catch "
-                     "UnicodeDecodeError: a Latin-1 table (e.g. an umlaut in patient_id) ends in a traceback; "
-                     "catch it and say 'save the table as CSV UTF-8'"))),
+                 ["UTF-8"], id="finetune-latin1-csv"),
     # devices: this machine has no CUDA
     pytest.param("segment {ct} {results}/lung.nii.gz --model {lung} --device cuda", ["cuda", "--device cpu"],
                  id="cuda-segment"),
@@ -424,10 +419,6 @@ def no_training(monkeypatch):
     monkeypatch.setattr(med3dcore.train, "train", stop)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli/finetune.py:73/148 + finetune.py:142 (build_initialised_model): with --init FILE the encoder's depth comes "
-    "from the file and --depth is ignored without a word, so `--init resnet_10.pth --depth 18` silently trains a "
-    "ResNet-10; refuse an explicit --depth/--shortcut that differs from the --init file's (make --depth default None)"))
 def test_finetune_init_of_another_depth_than_asked(files, capsys, no_training):
     code = main(["finetune", "--task", "nodule", "--csv", str(files["nodules_csv"]), "--init", str(files["medicalnet"]),
                  "--depth", "18", "--out", str(files["results"]), "--steps", "1", "--device", "cpu",
@@ -435,11 +426,6 @@ def test_finetune_init_of_another_depth_than_asked(files, capsys, no_training):
     _check_error("finetune", code, capsys.readouterr().err, ["depth", "10", "18"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nodules.py:215 read_nodule_table opens the CSV with the locale's encoding, not encoding='utf-8-sig': a table "
-    "saved as 'CSV UTF-8' by a spreadsheet starts with a byte-order mark, so its first column reads '\\ufeffimage' "
-    "and the table is refused as having no 'image' column (under a C/ASCII locale, as here under pytest, it is a "
-    "UnicodeDecodeError traceback); cli/finetune.py:107 _segmentation_groups has the same problem (KeyError 'image')"))
 def test_finetune_reads_a_spreadsheet_csv(files, capsys, no_training):
     code = main(["finetune", "--task", "nodule", "--csv", str(files["nodules_bom_csv"]), "--out", str(files["results"]),
                  "--steps", "1", "--device", "cpu", "--progress", "none", "--cube", "16", "--batch-size", "2"])

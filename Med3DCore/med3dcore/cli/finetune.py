@@ -3,7 +3,6 @@ classification, and write a self-describing model bundle."""
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -70,8 +69,10 @@ def add_parser(subparsers: Any) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--init", default="scratch",
                        help="'scratch', a Med3D bundle (its encoder) or a MedicalNet .pth file (default scratch)")
-    model.add_argument("--depth", type=int, default=10, help="ResNet depth when training from scratch (default 10)")
-    model.add_argument("--shortcut", default="B", choices=("A", "B"), help="shortcut type from scratch (default B)")
+    model.add_argument("--depth", type=int, default=None,
+                       help="ResNet depth from scratch (default 10); with --init, the file's depth (checked)")
+    model.add_argument("--shortcut", default=None, choices=("A", "B"),
+                       help="shortcut type from scratch (default B); with --init, the file's (checked)")
     model.add_argument("--freeze", default="", help="encoder parts to freeze, e.g. conv1,bn1,layer1")
     train = p.add_argument_group("training")
     train.add_argument("--steps", type=int, default=None, help="optimisation steps (default 200 seg, 300 nodule)")
@@ -100,12 +101,11 @@ def add_parser(subparsers: Any) -> None:
 
 def _segmentation_groups(csv_path: Optional[str]) -> Dict[str, str]:
     """case id -> patient id from a CSV's optional patient_id column."""
-    from ..data import _case_key  # the same case naming the domain uses
+    from ..data import _case_key, read_csv_rows  # the same case naming the domain uses
 
     if not csv_path:
         return {}
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_csv_rows(csv_path)
     return {_case_key(Path(r["image"].strip())): r["patient_id"].strip() for r in rows
             if (r.get("patient_id") or "").strip()}
 
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     reporter = make_reporter(args.progress)
     name = args.name or args.task
-    backbone = {"depth": args.depth, "shortcut_type": args.shortcut, "preact": False}
+    backbone = {"depth": args.depth, "shortcut_type": args.shortcut, "preact": None}  # None: not asked
     freeze = tuple(p.strip() for p in args.freeze.split(",") if p.strip())
     if args.task == "nodule":
         if not args.csv or args.images or args.dataset:
