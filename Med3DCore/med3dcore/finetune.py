@@ -102,6 +102,16 @@ def clear_checkpoints(run_dir: Path) -> None:
         shutil.rmtree(folder)
 
 
+def _bundle_path(out_dir: Path, name: str, overwrite: bool, resume: bool) -> Path:
+    """Where a run's model goes; refuses to replace one unless asked, and clears the old run's checkpoints then."""
+    bundle_path = out_dir / f"{name}.pt"
+    if bundle_path.exists() and not (overwrite or resume):
+        raise Med3DError(f"{bundle_path} exists; choose another --name or pass --overwrite")
+    if overwrite and not resume:
+        clear_checkpoints(out_dir / name)
+    return bundle_path
+
+
 def default_lr(pretrained: bool) -> float:
     """The paper's learning rate: 0.001 from pretrained weights, 0.01 from scratch."""
     return 1e-3 if pretrained else 1e-2
@@ -302,11 +312,7 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     spec = spec or NoduleInputSpec()
     reporter = reporter or null_reporter
     out_dir = Path(out_dir)
-    bundle_path = out_dir / f"{name}.pt"
-    if bundle_path.exists() and not (overwrite or resume):
-        raise Med3DError(f"{bundle_path} exists; choose another --name or pass --overwrite")
-    if overwrite and not resume:
-        clear_checkpoints(out_dir / name)
+    bundle_path = _bundle_path(out_dir, name, overwrite, resume)
     labels = np.array([c.label for c in cases], dtype=np.int64)
     if cubes is None:
         cubes = prepare_cases(cases, spec, reporter)
@@ -554,11 +560,7 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
     settings = settings or SegmentationSettings()
     reporter = reporter or null_reporter
     out_dir = Path(out_dir)
-    bundle_path = out_dir / f"{name}.pt"
-    if bundle_path.exists() and not (overwrite or resume):
-        raise Med3DError(f"{bundle_path} exists; choose another --name or pass --overwrite")
-    if overwrite and not resume:
-        clear_checkpoints(out_dir / name)
+    bundle_path = _bundle_path(out_dir, name, overwrite, resume)
     if preset is not None and preset not in PRESETS:
         raise Med3DError(f"unknown preset '{preset}'; choose {', '.join(PRESETS)}")
     cfg: Dict[str, Any] = dict(PRESETS[preset]) if preset else {"head": {"type": "lung_decoder"}, "window": None,
