@@ -40,9 +40,9 @@ class DemoSize:
     """How much work the demo does; ``quick`` is for tests."""
 
     pretrain_cases: int = 4
-    pretrain_steps: int = 30
+    pretrain_steps: int = 60
     lung_cases: int = 6
-    lung_steps: int = 30
+    lung_steps: int = 90
     nodules_per_kind: int = 16
     nodule_steps: int = 30
     test_nodules_per_kind: int = 8
