@@ -21,7 +21,7 @@ from scipy import ndimage
 from .devices import resolve_device
 from .errors import Med3DError
 from .nets.model import Med3DNet, build_model
-from .nodules import prepare_nodule, scan_box
+from .nodules import mask_box, prepare_nodule, scan_box
 from .preprocess import PreprocessSpec, check_intensity_range, preprocess_image, restore_probabilities
 from .progress import Reporter, make_event, null_reporter
 from .sliding import make_predictor, sliding_window
@@ -269,22 +269,6 @@ def segment(volume: Volume, model: ModelLike, task: Optional[str] = None, device
 
 # ------------------------------------------------------------------------------------------------ classification
 
-def _mask_box(volume: Volume, mask: Union[Volume, np.ndarray]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """Centroid and bounding-box size (LPS mm, voxel edges included) of a mask's non-zero voxels."""
-    values = mask.array if isinstance(mask, Volume) else np.asarray(mask)
-    if values.shape != volume.shape:
-        raise Med3DError(f"the mask has size {values.shape[::-1]} but the image {volume.shape[::-1]} (I, J, K); give "
-                         "a mask drawn on this image's grid")
-    kji = np.argwhere(values > 0)
-    if len(kji) == 0:
-        raise Med3DError("the mask has no voxels (all zero); draw the nodule in the mask or give an ROI instead")
-    matrix = volume.ijk_to_lps()
-    world = kji[:, ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
-    half = np.abs(volume.direction) @ (np.asarray(volume.spacing) / 2.0)
-    size = world.max(axis=0) - world.min(axis=0) + 2 * half
-    return tuple(float(v) for v in world.mean(axis=0)), tuple(float(v) for v in size)
-
-
 def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
              mask: Union[Volume, np.ndarray, None] = None, device: str = "auto") -> ClassificationResult:
     """Classify the nodule in ``volume`` with a classification bundle (a path or a loaded :class:`Bundle`).
@@ -314,7 +298,9 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
         box_centre = tuple(float(v) for v in centre)
         box_size = tuple(float(v) for v in (size if size is not None else high - low))
     elif mask is not None:
-        box_centre, box_size = _mask_box(volume, mask)
+        centre_lps, low, high = mask_box(volume, mask)
+        box_centre = tuple(float(v) for v in centre_lps)
+        box_size = tuple(float(v) for v in high - low)
         cube = prepare_nodule(volume, mask=mask, params=params)
     else:
         cube = prepare_nodule(volume, params=params)

@@ -89,8 +89,10 @@ def _fmt(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in values) + ")"
 
 
-def _mask_box(image: Volume, mask: Union[Volume, np.ndarray], context_mm: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centre (centroid) and visible box of a mask on the image's grid."""
+def mask_box(image: Volume, mask: Union[Volume, np.ndarray],
+             context_mm: float = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroid, low corner, high corner) in LPS mm of a mask's non-zero voxels (voxel edges included), the box
+    grown by ``context_mm``; the mask must lie on the image's grid."""
     if isinstance(mask, np.ndarray):
         if mask.shape != image.array.shape:
             raise Med3DError(f"the mask's shape {mask.shape} differs from the image's {image.array.shape}; "
@@ -127,7 +129,7 @@ def prepare_nodule(volume: Volume, *, center_lps: Optional[Sequence[float]] = No
     if mask is not None and center_lps is not None:
         raise Med3DError("give either a mask or an ROI (centre and size), not both")
     if mask is not None:
-        centre, low, high = _mask_box(volume, mask, spec.context_mm)
+        centre, low, high = mask_box(volume, mask, spec.context_mm)
     elif center_lps is not None:
         centre = np.asarray(center_lps, float).reshape(-1)
         if centre.shape != (3,) or not np.all(np.isfinite(centre)):

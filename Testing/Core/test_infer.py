@@ -15,6 +15,7 @@ import torch
 from med3dcore import infer
 from med3dcore.errors import Med3DError
 from med3dcore.nets import build_model
+from med3dcore.nodules import mask_box
 from med3dcore.phantoms import make_ct_phantom, make_mr_phantom
 from med3dcore.preprocess import PreprocessSpec
 from med3dcore.volume import Volume
@@ -242,7 +243,8 @@ def ct_with_nodule():
 def test_classify_roi_mask_and_whole_crop(models, ct_with_nodule):
     image, labels = ct_with_nodule
     nodule = labels.with_array((labels.array == 5).astype(np.uint8))
-    centre, size = infer._mask_box(image, nodule)
+    centre_lps, low, high = mask_box(image, nodule)
+    centre, size = tuple(float(v) for v in centre_lps), tuple(float(v) for v in high - low)
     by_mask = infer.classify(image, models["nodule"], mask=nodule, device="cpu")
     assert set(by_mask.probabilities) == {"benign", "malignant"}
     assert sum(by_mask.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
@@ -267,5 +269,5 @@ def test_classify_bad_inputs_as_a_new_user_gives_them(models, ct_with_nodule):
     with pytest.raises(Med3DError, match="not both"):
         infer.classify(image, models["nodule"], roi=((0.0, 0.0, 0.0), None), mask=labels)
     small = Volume(np.zeros((4, 4, 4), np.uint8))
-    with pytest.raises(Med3DError, match="mask has size"):
+    with pytest.raises(Med3DError, match="mask's geometry differs from the image's"):
         infer.classify(image, models["nodule"], mask=small)
