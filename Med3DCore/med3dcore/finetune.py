@@ -471,16 +471,12 @@ class RotatingSampler:
 
 
 def segmentation_loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """Cross-entropy plus soft Dice over the foreground classes (Dice keeps small structures from vanishing)."""
+    """The pretraining loss (cross-entropy plus soft Dice over the foreground classes; Dice keeps small structures
+    from vanishing) on one batch."""
+    from .train import ce_dice_loss
+
     device = next(model.parameters()).device
-    logits = model(batch["image"].to(device)).float()
-    target = batch["label"].to(device)
-    ce = F.cross_entropy(logits, target)
-    probs = torch.softmax(logits, dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
-    dims = (0, 2, 3, 4)
-    soft_dice = (2 * (probs * onehot).sum(dims) + 1.0) / (probs.sum(dims) + onehot.sum(dims) + 1.0)
-    return ce + (1.0 - soft_dice.mean()), {"ce": float(ce.detach())}
+    return ce_dice_loss(model(batch["image"].to(device)), batch["label"].to(device)), {}
 
 
 def volume_dice(model: torch.nn.Module, data: Any, values: Sequence[int]) -> Dict[str, float]:

@@ -52,6 +52,19 @@ def _edges(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
+def _view_centre(labels: np.ndarray) -> List[int]:
+    """Per axis, the slice through the labels' centroid, or the fullest slice when the centroid's slice holds less
+    than half as much (the centroid of two lungs lies between them, where a sagittal view would show nothing)."""
+    found = np.argwhere(labels > 0)
+    if not len(found):
+        return [n // 2 for n in labels.shape]
+    centre = []
+    for axis, c in enumerate(found.mean(axis=0).round().astype(int)):
+        counts = np.bincount(found[:, axis], minlength=labels.shape[axis])
+        centre.append(int(c) if counts[c] * 2 >= counts.max() else int(np.argmax(counts)))
+    return centre
+
+
 def render_overlay(image: Volume, labels: Volume, label_info: Optional[Sequence[Mapping]] = None,
                    window: Optional[Tuple[float, float]] = None, height: int = 320,
                    opacity: float = 0.45) -> np.ndarray:
@@ -72,8 +85,7 @@ def render_overlay(image: Volume, labels: Volume, label_info: Optional[Sequence[
         low, high = window
     grey = np.clip((img - low) / max(float(high - low), 1e-6), 0.0, 1.0)
 
-    found = np.argwhere(lab > 0)
-    centre = found.mean(axis=0).round().astype(int) if len(found) else np.array(lab.shape) // 2
+    centre = _view_centre(lab)
     values = sorted(int(v) for v in np.unique(lab) if v > 0)
     colors = _colors(label_info, values)
     spacing_kji = np.asarray(canon_image.spacing, dtype=float)[::-1]

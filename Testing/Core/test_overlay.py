@@ -74,3 +74,18 @@ def test_write_overlay_png_and_refusals(tmp_path):
     shifted = Volume(labels.array, labels.spacing, (5.0, 0.0, 0.0))
     with pytest.raises(Med3DError, match="geometry differs"):
         render_overlay(image, shifted)
+
+
+def test_every_view_shows_two_separate_structures():
+    """Two lungs: their centroid lies between them, yet the sagittal view must cut through one of them."""
+    image = np.zeros((20, 30, 40), dtype=np.int16)
+    labels = np.zeros_like(image, dtype=np.uint8)
+    labels[5:15, 8:22, 4:14] = 1   # patient right
+    labels[5:15, 8:22, 26:36] = 1  # patient left; nothing at I = 20, the centroid's sagittal slice
+    info = [{"value": 1, "name": "lung", "color": list(RED)}]
+    pic = render_overlay(Volume(image, (1.0, 1.0, 3.0)), Volume(labels, (1.0, 1.0, 3.0)), info, window=(-1, 1),
+                         height=120, opacity=1.0)
+    red = _red(pic)
+    axial, coronal, sagittal = red[:, :80], red[:, 84:164], red[:, 168:]
+    assert axial.sum() > 0 and coronal.sum() > 0
+    assert sagittal.sum() > 0.5 * 14 * 10 * 3 * 2 * 2  # a whole lung's section (J x K mm at 0.5 mm per pixel), roughly

@@ -15,30 +15,14 @@ import torch
 import vtk
 
 from Med3DLib import geometry, segments
+from bundles import LUNG_LABELS, NODULE_LABELS, constant_output_bundle
 from med3dcore.errors import Med3DError
-from med3dcore.nets import build_model
 from med3dcore.phantoms import make_ct_phantom, store_as
 from med3dcore.preprocess import PreprocessSpec
 from med3dcore.volume import Volume, read_volume
-from med3dcore.weights import save_bundle
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[2]
-BACKBONE = {"depth": 10, "shortcut_type": "B", "preact": False}
-LUNG_LABELS = [{"value": 1, "name": "lung", "color": [197, 165, 145], "terminology": "SCT^39607008^Lung"}]
-
-
-def constant_output_bundle(path: Path, head: dict, bias: list, task: dict, labels: list, **kwargs) -> Path:
-    """A real ResNet-10 bundle whose last layer has zero weights and ``bias``: its output is known exactly."""
-    torch.manual_seed(0)
-    architecture = {"backbone": dict(BACKBONE), "head": head}
-    net = build_model(architecture)
-    last = [m for m in net.head.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear))][-1]
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor(bias))
-    return save_bundle(path, net, architecture=architecture, task=task, labels=labels,
-                       provenance={"data": "constant-output test bundle"}, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +35,7 @@ def model_folder(tmp_path_factory) -> Path:
                                                         modality="CT"))
     constant_output_bundle(folder / "nodule-3to1.pt", {"type": "classifier", "num_classes": 2},
                            [0.0, math.log(3.0)], {"type": "classification", "name": "nodule"},
-                           [{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}],
-                           preprocessing={}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
+                           NODULE_LABELS, preprocessing={}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
     return folder
 
 

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from bundles import LUNG_LABELS, NODULE_LABELS, constant_output_bundle
 from med3dcore.errors import Med3DError
-from med3dcore.nets import build_model
 from med3dcore.volume import Volume
-from med3dcore.weights import save_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 UI = ROOT / "Med3DSlicer" / "Resources" / "UI" / "Med3D.ui"
@@ -26,18 +25,10 @@ UI = ROOT / "Med3DSlicer" / "Resources" / "UI" / "Med3D.ui"
 
 @pytest.fixture(scope="module")
 def nodule_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    architecture = {"backbone": {"depth": 10, "shortcut_type": "B", "preact": False},
-                    "head": {"type": "classifier", "num_classes": 2}}
-    net = build_model(architecture)
-    with torch.no_grad():
-        last = [m for m in net.head.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
     folder = tmp_path_factory.mktemp("widget-models")
-    save_bundle(folder / "nodule.pt", net, architecture=architecture, task={"type": "classification", "name": "nodule"},
-                labels=[{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}], preprocessing={},
-                provenance={}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
+    constant_output_bundle(folder / "nodule.pt", {"type": "classifier", "num_classes": 2}, [0.0, math.log(3.0)],
+                           {"type": "classification", "name": "nodule"}, NODULE_LABELS, preprocessing={},
+                           extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
     return folder
 
 
@@ -99,13 +90,13 @@ def test_device_list_says_why_there_is_no_gpu(widget) -> None:
     assert panel._parameterNode.device == "cpu"
 
 
-def test_apply_classifies_and_shows_the_result(widget) -> None:
-    slicer, med3d, panel = widget
-    volume = Volume(np.full((20, 30, 30), -700, np.int16), spacing=(1.0, 1.0, 2.0))
+def _classify_in_panel(slicer, panel, value: int, name: str) -> None:
+    """Apply nodule classification to a constant volume (``value`` HU) with a 10 mm ROI in it."""
     from Med3DLib import geometry
 
+    volume = Volume(np.full((20, 30, 30), value, np.int16), spacing=(1.0, 1.0, 2.0))
     array, matrix = geometry.node_data_from_volume(volume)
-    node = slicer.util.addVolumeFromArray(array, matrix, "ct")
+    node = slicer.util.addVolumeFromArray(array, matrix, name)
     roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "n")
     roi_node.SetCenter(-15.0, -15.0, 20.0)
     roi_node.SetSize(10, 10, 10)
@@ -114,6 +105,11 @@ def test_apply_classifies_and_shows_the_result(widget) -> None:
     parameters = panel._parameterNode
     parameters.inputVolume, parameters.roi, parameters.device = node, roi_node, "cpu"
     panel.onApply()
+
+
+def test_apply_classifies_and_shows_the_result(widget) -> None:
+    slicer, med3d, panel = widget
+    _classify_in_panel(slicer, panel, -700, "ct")
     assert panel.ui.resultsLabel.text == "benign: 0.25  malignant: 0.75  ->  malignant"
     assert slicer.app.applicationLogic().GetSelectionNode().activeTableID == panel.logic.lastResultTable.GetID()
     assert panel.ui.applyButton.text == "Apply" and not panel.ui.progressBar.visible and not panel._busy
@@ -181,19 +177,7 @@ def test_cancel_then_resume_is_offered(widget, tmp_path) -> None:
 def test_engine_warnings_reach_the_panel(widget, monkeypatch) -> None:
     """An MR volume given to a CT model: the engine's warning is shown under the result."""
     slicer, med3d, panel = widget
-    from Med3DLib import geometry
-
-    volume = Volume(np.full((20, 30, 30), 300, np.int16), spacing=(1.0, 1.0, 2.0))  # no air: not CT-like
-    array, matrix = geometry.node_data_from_volume(volume)
-    node = slicer.util.addVolumeFromArray(array, matrix, "mr")
-    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "n")
-    roi_node.SetCenter(-15.0, -15.0, 20.0)
-    roi_node.SetSize(10, 10, 10)
-    panel.ui.taskComboBox.setCurrentText("Nodule classification")
-    panel.updateModelList()
-    parameters = panel._parameterNode
-    parameters.inputVolume, parameters.roi, parameters.device = node, roi_node, "cpu"
-    panel.onApply()
+    _classify_in_panel(slicer, panel, 300, "mr")  # no air: not CT-like
     lines = panel.ui.resultsLabel.text.splitlines()
     assert lines[0].endswith("->  malignant")
     assert len(lines) >= 2 and lines[1].startswith("Warning: ")
@@ -221,7 +205,6 @@ def close_scene(slicer, panel) -> None:
 
 @pytest.fixture(scope="module")
 def lung_and_two_nodule_models(nodule_model, tmp_path_factory) -> Path:
-    from test_slicer_module_logic import LUNG_LABELS, constant_output_bundle
     from med3dcore.preprocess import PreprocessSpec
 
     folder = tmp_path_factory.mktemp("state-models")
