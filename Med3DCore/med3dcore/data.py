@@ -40,7 +40,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from . import limits
 from .errors import Med3DError
+from .safe_io import MAX_TEXT_BYTES, read_text, regular_file, write_atomically
 from .preprocess import PreprocessSpec, median_spacing, prepare_label, preprocess_image
 from .volume import Volume, canonical_spacing, read_volume
 
@@ -147,8 +149,8 @@ def _cases_from_folders(images: Path, masks: Path) -> List[Case]:
 def read_csv_rows(path: Union[str, Path]) -> List[Dict[str, str]]:
     """The rows of a CSV table with a header, as dicts; the one CSV reader of the project."""
     path = Path(path)
-    if not path.is_file():
-        raise Med3DError(f"CSV file {path} does not exist; check the path")
+    if regular_file(path, "CSV file").st_size > MAX_TEXT_BYTES:
+        raise Med3DError(f"CSV file {path} is larger than {MAX_TEXT_BYTES >> 20} MiB; is it the right file?")
     try:  # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark
         with open(path, newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
@@ -161,23 +163,44 @@ def _cases_from_csv(path: Path, env: Mapping[str, str]) -> List[Case]:
     rows = read_csv_rows(path)
     if not rows or "image" not in rows[0] or not ({"label", "mask"} & set(rows[0])):
         raise Med3DError(f"{path} needs a header with 'image' and 'label' columns and at least one row")
-    return [Case(row.get("case_id") or _case_key(Path(row["image"])), _expand(row["image"], path.parent, env),
-                 _expand(row.get("label") or row["mask"], path.parent, env)) for row in rows]
+    cases = []
+    for line, row in enumerate(rows, start=2):
+        image = (row.get("image") or "").strip()
+        # 'mask' wins over 'label': a classification table (e.g. the LIDC nodules) has both, and there 'label' is
+        # the class (benign/malignant), not a label map.
+        label = (row.get("mask") or row.get("label") or "").strip()
+        if not image or not label:
+            raise Med3DError(f"{path}, line {line}: a case needs both an image and a label (or mask) file; fill in "
+                             "the row or remove it")
+        cases.append(Case((row.get("case_id") or "").strip() or _case_key(Path(image)),
+                          _expand(image, path.parent, env), _expand(label, path.parent, env)))
+    return cases
 
 
 def _read_msd(path: Path, env: Mapping[str, str]) -> Tuple[List[Case], Dict[int, str], Optional[str]]:
+    text = read_text(path, "dataset.json")  # stat first: /dev/zero or a FIFO is refused, not read forever
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(text)
         training = meta["training"]
-    except FileNotFoundError:
-        raise Med3DError(f"dataset.json {path} does not exist; check the domain's 'dataset_json' path") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise Med3DError(f"{path} is not an MSD-style dataset.json with a 'training' list ({exc})") from None
-    cases = [Case(_case_key(Path(item["image"])), _expand(item["image"], path.parent, env),
-                  _expand(item["label"], path.parent, env)) for item in training]
-    names = {int(k): str(v) for k, v in (meta.get("labels") or {}).items() if int(k) != 0}
-    modality = (meta.get("modality") or {}).get("0")
-    return cases, names, modality
+    if not isinstance(training, list):
+        raise Med3DError(f"{path}: 'training' must be a list of {{'image': ..., 'label': ...}} entries")
+    cases = []
+    for i, item in enumerate(training):
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) or \
+                not isinstance(item.get("label"), str):
+            raise Med3DError(f"{path}: training entry {i} must give 'image' and 'label' file names, got "
+                             f"{item!r:.120}")
+        cases.append(Case(_case_key(Path(item["image"])), _expand(item["image"], path.parent, env),
+                          _expand(item["label"], path.parent, env)))
+    try:
+        names = {int(k): str(v) for k, v in (meta.get("labels") or {}).items() if int(k) != 0}
+        modality = (meta.get("modality") or {}).get("0")
+    except (AttributeError, TypeError, ValueError):
+        raise Med3DError(f"{path}: 'labels' must map label values to names and 'modality' channel numbers to "
+                         "names, as in an MSD dataset.json") from None
+    return cases, names, None if modality is None else str(modality)
 
 
 def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping[str, str]] = None) -> Domain:
@@ -210,7 +233,13 @@ def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping
         modality = modality or msd_modality
     else:
         cases = []
+        if not isinstance(entry["cases"], list):
+            raise Med3DError(f"domain '{name}': 'cases' must be a list of {{'image': ..., 'label': ...}} entries")
         for i, item in enumerate(entry["cases"]):
+            if not isinstance(item, Mapping) or not isinstance(item.get("image"), str) or \
+                    not isinstance(item.get("masks") or {}, Mapping):
+                raise Med3DError(f"domain '{name}', case {i}: give a mapping with 'image' and 'label' (or 'masks': "
+                                 f"{{name: file}}), got {item!r:.120}")
             image = _expand(item["image"], base, env)
             masks = {str(k): _expand(v, base, env) for k, v in (item.get("masks") or {}).items()}
             label = _expand(item["label"], base, env) if item.get("label") else None
@@ -231,7 +260,11 @@ def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping
         raise Med3DError(f"domain '{name}' has no cases")
     label_map = None
     if entry.get("label_map"):
-        label_map = {int(k): int(v) for k, v in dict(entry["label_map"]).items()}
+        try:
+            label_map = {int(k): int(v) for k, v in dict(entry["label_map"]).items()}
+        except (TypeError, ValueError):
+            raise Med3DError(f"domain '{name}': 'label_map' must map whole source values to whole domain values "
+                             f"(e.g. {{5: 1}}), got {entry['label_map']!r:.120}") from None
         bad = sorted(v for v in label_map.values() if v != 0 and v not in names)
         if bad:
             raise Med3DError(f"domain '{name}': label_map targets {bad} have no name in 'labels'")
@@ -240,8 +273,8 @@ def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping
         if missing:
             raise Med3DError(f"domain '{name}', case {case.case_id}: masks {missing} are not among the label names "
                              f"{sorted(names.values())}")
-    spacing = tuple(float(s) for s in entry["spacing"]) if entry.get("spacing") else None
-    window = tuple(float(s) for s in entry["window"]) if entry.get("window") else None
+    spacing = _floats(entry.get("spacing"), f"domain '{name}': spacing", "three positive numbers (mm)")
+    window = _floats(entry.get("window"), f"domain '{name}': window", "[low, high] with low < high")
     if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
         raise Med3DError(f"domain '{name}': spacing must be three positive numbers (mm), got {entry['spacing']}")
     if window is not None and (len(window) != 2 or window[0] >= window[1]):
@@ -249,17 +282,26 @@ def domain_from_dict(entry: Mapping[str, Any], base: Path, env: Optional[Mapping
     return Domain(name, str(modality or "CT"), names, cases, label_map, spacing, window)  # type: ignore[arg-type]
 
 
-def _read_config_file(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise Med3DError(f"config file {path} does not exist")
+def _floats(value: Any, what: str, expected: str) -> Optional[Tuple[float, ...]]:
+    if not value:
+        return None
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise Med3DError(f"{what} must be {expected}, got {value!r:.120}") from None
+
+
+def _read_config_file(path: Path) -> Dict[str, Any]:
+    text = read_text(path, "config file")  # stat and size first: a FIFO or /dev/zero is refused, not read
+    try:
         if path.suffix.lower() in (".yaml", ".yml"):
             try:
-                import yaml
+                import yaml  # noqa: F401
             except ImportError:
                 raise Med3DError("reading a YAML config needs PyYAML: pip install PyYAML, or use a JSON config") from None
-            data = yaml.safe_load(text)
+            data = limits.load_yaml(text, str(path))  # aliases counted before anything is built
         else:
             data = json.loads(text)
     except Med3DError:
@@ -286,9 +328,15 @@ def _parse_problem(exc: Exception) -> str:
 
 def load_run_config(path: PathLike) -> RunConfig:
     """Read a run config (JSON, or YAML with PyYAML) and describe its domains (nothing is read from images yet)."""
-    path = Path(path).resolve()
+    path = Path(os.path.realpath(path))  # never raises (a link loop is reported by the read below)
     data = _read_config_file(path)
-    env = {k: str(_expand(v, path.parent, {})) for k, v in (data.get("env_defaults") or {}).items()}
+    for section in ("model", "training", "env_defaults"):
+        if not isinstance(data.get(section) or {}, dict):
+            raise Med3DError(f"config {path}: '{section}' must be a mapping of settings, got "
+                             f"{type(data[section]).__name__}")
+    if not isinstance(data.get("name") or "", str):
+        raise Med3DError(f"config {path}: 'name' must be a string")
+    env = {k: str(_expand(str(v), path.parent, {})) for k, v in (data.get("env_defaults") or {}).items()}
     domains = [domain_from_dict(entry, path.parent, env) for entry in data["domains"]]
     names = [d.name for d in domains]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -394,7 +442,7 @@ def _source_stamp(path: Path) -> List[Any]:
     stamp = []
     for f in files:
         st = f.stat()
-        stamp.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        stamp.append([os.path.realpath(f), st.st_size, st.st_mtime_ns])
     return stamp
 
 
@@ -418,16 +466,17 @@ def preprocess_case(case: Case, domain: Domain, spec: PreprocessSpec) -> Tuple[n
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
+    """A cache entry through the one write path; concurrent runs sharing the cache write identical entries, so
+    the last one to finish may replace the others'."""
+    def write(staged: Path) -> None:
+        with open(staged, "wb") as f:
             np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    def verify(staged: Path) -> None:
+        back = np.load(staged, mmap_mode="r")
+        if back.shape != array.shape or back.dtype != array.dtype:
+            raise Med3DError("the array read back differs")
+    write_atomically(path, write, overwrite=True, verify=verify, what="cache entry")
 
 
 @dataclass
@@ -466,18 +515,34 @@ class PreparedCases:
         if (d, c) in self._arrays:
             return self._arrays[(d, c)]
         image_path, label_path = self.entry_paths(d, c)
-        if not (image_path.is_file() and label_path.is_file()):
-            image, labels = preprocess_case(self.domains[d].cases[c], self.domains[d], self.specs[d])
-            image_path.parent.mkdir(parents=True, exist_ok=True)
-            stem = image_path.name.rsplit("-", 1)[0]
-            for old in image_path.parent.glob("*.npy"):  # this case's entries of older sources or specs
-                if old.name.rsplit("-", 1)[0] == stem:
-                    old.unlink()
-            _atomic_npy(image_path, image)
-            _atomic_npy(label_path, labels)
-        pair = (np.load(image_path, mmap_mode="r"), np.load(label_path, mmap_mode="r"))
+        for attempt in range(3):
+            if attempt or not (image_path.is_file() and label_path.is_file()):
+                self._build(d, c, image_path, label_path)
+            try:
+                pair = (np.load(image_path, mmap_mode="r"), np.load(label_path, mmap_mode="r"))
+                break
+            except (FileNotFoundError, ValueError, EOFError):
+                # Another run sharing the cache replaced or removed the entry between the check and the load
+                # (or an older version left it half-written): build it again.
+                if attempt == 2:
+                    raise Med3DError(f"cache entry {image_path} keeps changing or cannot be read; is another run "
+                                     "rebuilding the same cache? Try again, or use a separate --cache") from None
         self._arrays[(d, c)] = pair
         return pair
+
+    def _build(self, d: int, c: int, image_path: Path, label_path: Path) -> None:
+        image, labels = preprocess_case(self.domains[d].cases[c], self.domains[d], self.specs[d])
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        stem, key = image_path.name.rsplit("-", 1)[0], image_path.name.rsplit("-", 1)[1].split(".")[0]
+        for old in image_path.parent.glob("*.npy"):  # this case's entries of older sources or specs, not this one's
+            name = old.name.rsplit("-", 1)
+            if name[0] == stem and name[1].split(".")[0] != key:
+                try:
+                    old.unlink()
+                except FileNotFoundError:  # another run removed it first
+                    pass
+        _atomic_npy(image_path, image)
+        _atomic_npy(label_path, labels)
 
     def warm(self, reporter=None) -> None:
         """Build every missing cache entry now (one pass), reporting progress."""

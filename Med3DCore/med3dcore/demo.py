@@ -6,8 +6,10 @@ access and no downloaded weights.
 2. Pretrain a ResNet-10 encoder on the four domains at once (``pretrain.py``, Med3D co-training).
 3. Fine-tune lung segmentation and nodule classification twice each: from that encoder and from scratch, with the
    same steps and data (``finetune.py``).
-4. Segment the held-out torso and classify its nodule (``infer.py``); write the label map, an overlay PNG and a
-   report comparing pretrained with scratch.
+4. Segment the held-out torso and classify its nodule (``infer.py``); write the label map, overlay PNGs (the
+   segmentation, and where it agrees with the phantom's truth), the training curves of both initialisations on
+   one picture per task, and a report comparing pretrained with scratch.
+5. Delete what only training needed (checkpoints, preprocessing caches) unless ``keep_checkpoints``.
 
 The data are synthetic, so the figures show that the machinery works, not clinical accuracy.
 """
@@ -24,6 +26,7 @@ import numpy as np
 from .devices import resolve_device
 from .errors import Med3DError
 from .progress import Reporter, make_event, null_reporter
+from .safe_io import write_text
 
 SYNTHETIC_NOTE = ("All data in this demo are synthetic CT phantoms drawn by med3dcore.phantoms (ellipsoid torsos, "
                   "lungs, liver and simple nodules), not patient scans; the figures show that pretraining, "
@@ -48,6 +51,9 @@ class DemoSize:
     test_nodules_per_kind: int = 8
 
 
+QUICK_NOTE = ("Quick mode: a few training steps per model, so these numbers are NOT results (a Dice of 0 and chance "
+              "accuracy are expected); quick mode only shows that every stage runs. Run without --quick for the "
+              "pretrained-vs-scratch comparison.")
 FULL = DemoSize()
 QUICK = DemoSize(pretrain_cases=2, pretrain_steps=3, lung_cases=3, lung_steps=3, nodules_per_kind=4,
                  nodule_steps=3, test_nodules_per_kind=2)
@@ -115,12 +121,17 @@ def _classify_all(model: Path, cases, device: str) -> Dict[str, float]:
 
 
 def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int = 0,
-             reporter: Optional[Reporter] = None, overwrite: bool = False) -> Dict[str, Any]:
+             reporter: Optional[Reporter] = None, overwrite: bool = False,
+             keep_checkpoints: bool = False) -> Dict[str, Any]:
     """Run the demo into ``out_dir``; returns the report as a dict (also written as report.md and report.json).
 
     Outputs: ``heldout_ct.nii.gz`` (the held-out phantom), ``heldout_lung_labels.nii.gz`` (its lung segmentation
-    by the pretrained model, in the phantom's geometry), ``heldout_overlay.png``, ``report.md``/``report.json``,
-    and the models under ``models/``.
+    by the pretrained model, in the phantom's geometry), ``heldout_overlay.png`` (with legend and volumes),
+    ``heldout_vs_truth.png`` (agreement with the phantom's truth), ``lung_curves.png``/``nodule_curves.png``
+    (pretrained and scratch training on one picture each), ``report.md``/``report.json``, the models under
+    ``models/`` (each run's ``history.json`` and ``training_curve.png`` beside them), the pretrained encoder
+    under ``pretrain/`` and the phantom training data under ``data/``. Training checkpoints and preprocessing
+    caches are deleted at the end unless ``keep_checkpoints``.
     """
     from .finetune import (ClassificationSettings, SegmentationSettings, clear_checkpoints, finetune_classification,
                            finetune_segmentation)
@@ -141,7 +152,7 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int
     if report_path.exists() and not overwrite:
         raise Med3DError(f"{out} already holds a demo (report.md); choose another --out or pass --overwrite")
     if overwrite:
-        clear_checkpoints(out)  # otherwise the earlier run's training checkpoints would ask for --resume
+        clear_checkpoints(out / "pretrain")  # else it asks for --resume; fine-tuning clears its own runs
     out.mkdir(parents=True, exist_ok=True)
     say = lambda text: reporter(make_event("demo", kind="message", message=text))  # noqa: E731
     started = time.perf_counter()
@@ -164,8 +175,8 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int
 
     say(f"pretraining a ResNet-10 encoder on 4 phantom domains ({size.pretrain_steps} steps)")
     encoder = pretrain(config, out / "pretrain", device=device, reporter=reporter,
-                       overrides={"steps": size.pretrain_steps, "checkpoint_every": max(size.pretrain_steps, 1)}
-                       ).bundle_path
+                       overrides={"steps": size.pretrain_steps, "checkpoint_every": max(size.pretrain_steps, 1)},
+                       overwrite=overwrite).bundle_path
     t = lap("pretrain", t)
 
     models = out / "models"
@@ -182,7 +193,8 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int
         say(f"fine-tuning lung segmentation from {init_name} ({size.lung_steps} steps)")
         bundles[f"lung_{init_name}"] = finetune_segmentation(
             lung_train, models, f"lung_{init_name}", preset="lung", init=init, settings=seg_settings,
-            reporter=reporter, overwrite=True)["bundle"]
+            reporter=reporter, overwrite=True,
+            label_sources={c.case_id: "synthetic" for c in lung_train.cases})["bundle"]
         t = lap(f"finetune lung ({init_name})", t)
         say(f"fine-tuning nodule classification from {init_name} ({size.nodule_steps} steps)")
         bundles[f"nodule_{init_name}"] = finetune_classification(
@@ -196,57 +208,121 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int
     lung_truth = np.isin(truth.array, (1, 5))
     results: Dict[str, Dict[str, float]] = {}
     for init_name in ("pretrained", "scratch"):
-        seg = segment(image, bundles[f"lung_{init_name}"], task="lung", device=device, reporter=reporter)
+        seg = segment(image, bundles[f"lung_{init_name}"], task="lung", device=device, reporter=reporter,
+                      synthetic_input=True)  # a phantom: the phantom-trained model's warning does not apply
         if init_name == "pretrained":
             labels_path = write_volume(seg.labels, out / "heldout_lung_labels.nii.gz", overwrite=True)
             write_overlay(image, seg.labels, out / "heldout_overlay.png", seg.label_info, (-1000.0, 400.0),
                           overwrite=True)
-        results[init_name] = {"lung_dice": _dice(seg.labels.array, lung_truth)}
+            write_overlay(image, _agreement(seg.labels, lung_truth), out / "heldout_vs_truth.png", AGREEMENT_LABELS,
+                          (-1000.0, 400.0), overwrite=True)
+        results[init_name] = {"lung_dice": _dice(seg.labels.array, lung_truth),
+                              **_volumes_ml(seg.labels.array > 0, lung_truth, image.spacing)}
         results[init_name].update({f"nodule_{k}": v for k, v in
                                    _classify_all(bundles[f"nodule_{init_name}"], test_nodules, device).items()})
     nodule_mask = truth.with_array((truth.array == 5).astype(np.uint8))
     heldout_nodule = classify(image, bundles["nodule_pretrained"], mask=nodule_mask, device=device)
     lap("inference", t)
+    curves = {task: str(_curves(models, task, out / f"{task}_curves.png")) for task in ("lung", "nodule")}
+    if not keep_checkpoints:
+        _drop_training_files(out, [models / name for name in bundles] + [out / "pretrain"])
     timings["total"] = round(time.perf_counter() - started, 1)
 
-    report = {"synthetic": True, "note": SYNTHETIC_NOTE, "quick": quick, "results": results,
+    report = {"synthetic": True, "note": SYNTHETIC_NOTE, "quick": quick, "quick_note": QUICK_NOTE if quick else None,
+              "results": results,
               "heldout_nodule": {"truth": "malignant", "predicted": heldout_nodule.predicted,
                                  "probabilities": heldout_nodule.probabilities},
               "outputs": {"labels": str(labels_path), "overlay": str(out / "heldout_overlay.png"),
+                          "agreement": str(out / "heldout_vs_truth.png"), "curves": curves,
                           "models": {k: str(v) for k, v in bundles.items()}},
+              "kept_checkpoints": keep_checkpoints,
               "sizes": size.__dict__, "seconds": timings}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    report_path.write_text(_markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=2), overwrite=True, what="report")
+    write_text(report_path, _markdown(report), overwrite=True, what="report")
+    report["megabytes"] = round(_folder_bytes(out) / 1e6, 1)
     reporter(make_event("demo", kind="result", message=f"report written to {report_path}"))
     return report
 
 
+# Where the held-out segmentation agrees with the phantom's truth, for heldout_vs_truth.png.
+AGREEMENT_LABELS = [
+    {"value": 1, "name": "lung: model and truth agree", "color": [60, 200, 90]},
+    {"value": 2, "name": "model only (over-segmented)", "color": [235, 60, 50]},
+    {"value": 3, "name": "truth only (missed)", "color": [60, 120, 240]},
+]
+
+
+def _agreement(labels: Any, truth: np.ndarray) -> Any:
+    predicted = np.asarray(labels.array) > 0
+    out = np.zeros(predicted.shape, np.uint8)
+    out[predicted & truth], out[predicted & ~truth], out[~predicted & truth] = 1, 2, 3
+    return labels.with_array(out)
+
+
+def _volumes_ml(predicted: np.ndarray, truth: np.ndarray, spacing: Any) -> Dict[str, float]:
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {"lung_ml": round(float(predicted.sum()) * voxel_ml, 1), "truth_ml": round(float(truth.sum()) * voxel_ml, 1)}
+
+
+def _curves(models: Path, task: str, path: Path) -> Path:
+    """Both initialisations' training of ``task`` on one picture (from each run's history.json)."""
+    from .plots import curves_from_history, write_curves
+    from .train import HISTORY_NAME
+
+    runs = {}
+    for init_name, title in (("pretrained", "Med3D-pretrained encoder"), ("scratch", "from scratch")):
+        record = json.loads((models / f"{task}_{init_name}" / HISTORY_NAME).read_text(encoding="utf-8"))
+        runs[title] = curves_from_history(record["history"], record["validations"], record.get("metric"))
+    what = "lung segmentation (validation Dice)" if task == "lung" else "nodule classification (validation AUC)"
+    return write_curves(path, runs, title=f"Demo: fine-tuning {what}, pretrained vs scratch")
+
+
+def _drop_training_files(out: Path, run_dirs: List[Path]) -> None:
+    """Training checkpoints and preprocessing caches: hundreds of MB no one looks at after the run."""
+    import shutil
+
+    from .finetune import clear_checkpoints
+
+    for run_dir in run_dirs:
+        clear_checkpoints(run_dir)
+        cache = run_dir / "cache"
+        if cache.is_dir() and not cache.is_symlink():
+            shutil.rmtree(cache)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def _markdown(report: Dict[str, Any]) -> str:
     r = report["results"]
-    lines: List[str] = [
-        "# Med3D offline demo",
-        "",
-        f"**Synthetic data.** {report['note']}",
-        "",
-        "| initialisation | lung Dice (held-out torso) | nodule accuracy | nodule AUC |",
-        "|---|---|---|---|",
-    ]
+    lines: List[str] = ["# Med3D offline demo", "", f"**Synthetic data.** {report['note']}", ""]
+    if report.get("quick_note"):
+        lines += [f"**{report['quick_note']}**", ""]
+    lines += ["| initialisation | lung Dice (held-out torso) | lung volume, mL (truth) | nodule accuracy | "
+              "nodule AUC |", "|---|---|---|---|---|"]
     for name in ("pretrained", "scratch"):
         lines.append(f"| {'Med3D-pretrained encoder' if name == 'pretrained' else 'from scratch'} | "
-                     f"{r[name]['lung_dice']:.3f} | {r[name]['nodule_accuracy']:.2f} | {r[name]['nodule_auc']:.2f} |")
-    n = report["heldout_nodule"]
+                     f"{r[name]['lung_dice']:.3f} | {r[name]['lung_ml']:.0f} ({r[name]['truth_ml']:.0f}) | "
+                     f"{r[name]['nodule_accuracy']:.2f} | {r[name]['nodule_auc']:.2f} |")
+    n, o = report["heldout_nodule"], report["outputs"]
     lines += [
         "",
         f"Held-out torso nodule (truly {n['truth']}): predicted {n['predicted']} "
         f"(p(malignant) = {n['probabilities']['malignant']:.2f}, pretrained model).",
         "",
-        f"Label map: `{report['outputs']['labels']}` (same geometry as `heldout_ct.nii.gz`); "
-        f"overlay: `{report['outputs']['overlay']}`.",
+        f"Label map: `{o['labels']}` (same geometry as `heldout_ct.nii.gz`); overlay with legend and volumes: "
+        f"`{o['overlay']}`; where it agrees with the phantom's truth (green), over-segments (red) or misses (blue): "
+        f"`{o['agreement']}`; training curves, pretrained and scratch on one picture: "
+        f"`{o['curves']['lung']}`, `{o['curves']['nodule']}`.",
         "",
         "Both initialisations used the same data, steps, seeds and learning rate (0.001); with this little "
         "training the difference between them is noisy, so read it as a smoke test of the method, not as evidence.",
         "",
         "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()) + ".",
+        "",
+        ("Training checkpoints were kept (--keep-checkpoints)." if report.get("kept_checkpoints") else
+         "Training checkpoints and preprocessing caches were deleted (--keep-checkpoints keeps them)."),
         "",
     ]
     return "\n".join(lines)

@@ -1,14 +1,22 @@
 """Device selection: ``auto`` picks CUDA, then Apple MPS, then CPU."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Optional, Set
 
 from .errors import Med3DError
 
+if TYPE_CHECKING:  # torch is imported where a device is resolved: `med3d --help` must not wait for it
+    import torch
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+# Inference precisions (see sliding.make_predictor and resolve_precision); here so the command line lists them
+# without torch.
+PRECISIONS = ("auto", "fp32", "bf16", "amp")
 
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
@@ -18,6 +26,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
     Asking for a device that is not there is a :class:`Med3DError` that says why, never a silent fallback.
     """
+    import torch
+
     name = (name or "auto").strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
@@ -49,9 +59,76 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def describe_device(device: torch.device) -> str:
     """A short human description, e.g. ``cuda:0 (NVIDIA H100)`` or ``cpu (2 threads)``."""
+    import torch
+
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(device)
+
+
+def _cpu_flags() -> Set[str]:
+    """The CPU feature flags the kernel reports (Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_support() -> Optional[str]:
+    """How this CPU computes bfloat16 natively -- ``"AMX"`` (AMX-BF16 tiles) or ``"AVX512_BF16"`` -- or None
+    when it does not (then oneDNN emulates bf16 and it is slower than float32: 0.3x measured on an AVX-512 CPU
+    without AVX512_BF16). Asks torch's CPU probes (torch >= 2.2), else the Linux CPU flags; oneDNN must be there."""
+    import torch
+
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    if mkldnn is None or not mkldnn.is_available():
+        return None
+    cpu = getattr(torch, "cpu", None)
+    amx_probe = getattr(cpu, "_is_amx_tile_supported", None)
+    avx_probe = getattr(cpu, "_is_avx512_bf16_supported", None)
+    if amx_probe is not None and avx_probe is not None:
+        try:
+            amx, avx = bool(amx_probe()), bool(avx_probe())
+        except RuntimeError:
+            amx = avx = False
+    else:
+        flags = _cpu_flags()
+        amx, avx = "amx_bf16" in flags, "avx512_bf16" in flags
+    return "AMX" if amx else "AVX512_BF16" if avx else None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision inference runs in on ``device``: ``auto`` is ``amp`` (float16 autocast) on CUDA, ``bf16`` on
+    a CPU with native bfloat16 (:func:`cpu_bf16_support`), ``fp32`` elsewhere (CPUs without it, Apple MPS).
+
+    float16 is never used off CUDA: ``amp`` on a CPU is refused (PyTorch runs float16 3D convolutions there
+    in its slow reference kernels, seconds per convolution), as is any name not in :data:`PRECISIONS`."""
+    name = str(precision).strip().lower()
+    if name not in PRECISIONS:
+        raise Med3DError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "amp"
+        return "bf16" if device.type == "cpu" and cpu_bf16_support() else "fp32"
+    if name == "amp" and device.type != "cuda":
+        raise Med3DError(f"precision 'amp' (float16 autocast) needs a CUDA device; on {device.type} float16 "
+                         "convolutions are very slow: use bf16 (fast on CPUs with AVX512_BF16 or AMX) or fp32")
+    return name
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """One line for the user: the precision in effect and why, e.g. ``bf16 (this CPU has AMX)``."""
+    if precision == "bf16" and device.type == "cpu":
+        native = cpu_bf16_support()
+        return f"bf16 (this CPU has {native})" if native else "bf16 (emulated: this CPU has no native bfloat16; " \
+                                                             "fp32 is faster here)"
+    if precision == "amp":
+        return "amp (float16 autocast on CUDA)"
+    return precision

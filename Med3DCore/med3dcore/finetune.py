@@ -67,8 +67,11 @@ def grouped_split(groups: Sequence[str], val_fraction: float = 0.2, strata: Opti
                   seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices) with about ``val_fraction`` of the patients in validation and no
     patient on both sides. Needs at least two patients."""
+    if val_fraction == 0:
+        raise Med3DError("a validation fraction of 0 (no validation) cannot make a train/validation split: this task "
+                         "keeps the model that validates best, so give a fraction such as 0.2")
     if not 0.0 < val_fraction < 1.0:
-        raise Med3DError(f"the validation fraction must be between 0 and 1, got {val_fraction}")
+        raise Med3DError(f"the validation fraction must be above 0 and below 1 (e.g. 0.2), got {val_fraction}")
     per_patient = _patient_strata(groups, strata)
     if len(per_patient) < 2:
         raise Med3DError("a train/validation split needs cases from at least two patients (give a patient_id "
@@ -94,22 +97,39 @@ def grouped_split(groups: Sequence[str], val_fraction: float = 0.2, strata: Opti
 
 # ------------------------------------------------------------------------------------- model and rates
 def clear_checkpoints(run_dir: Path) -> None:
-    """Remove the training checkpoints of an earlier run under ``run_dir`` (asked for with ``overwrite``);
-    the preprocessing cache stays."""
+    """Remove the training checkpoints of one run folder (``run_dir/checkpoints``, and the two stages' of a
+    two-stage run), and only those: another run's checkpoints and the preprocessing cache stay."""
     import shutil
 
-    for folder in sorted(Path(run_dir).glob("**/checkpoints")):
-        shutil.rmtree(folder)
+    run_dir = Path(run_dir)
+    for folder in (run_dir / "checkpoints", run_dir / "coarse" / "checkpoints", run_dir / "fine" / "checkpoints"):
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+
+
+def check_run_name(name: str) -> str:
+    """A run's name becomes ``OUT/<name>.pt`` and the run folder ``OUT/<name>/``: it must be a plain file name,
+    so nothing is written (or, with --overwrite, removed) outside the run's own files in ``--out``."""
+    if not isinstance(name, str) or not name or name in (".", "..") or len(name) > 128 or \
+            name.startswith((".", "-")) or any(c in name for c in "/\\:") or not name.isprintable():
+        raise Med3DError(f"--name must be a plain file name (letters, digits, '-', '_', '.'; not starting with '.' "
+                         f"or '-', no folders), got {name!r}")
+    return name
 
 
 def _bundle_path(out_dir: Path, name: str, overwrite: bool, resume: bool) -> Path:
-    """Where a run's model goes; refuses to replace one unless asked, and clears the old run's checkpoints then."""
-    bundle_path = out_dir / f"{name}.pt"
+    """Where a run's model goes; refuses to replace one unless asked (nothing is removed here)."""
+    bundle_path = out_dir / f"{check_run_name(name)}.pt"
     if bundle_path.exists() and not (overwrite or resume):
         raise Med3DError(f"{bundle_path} exists; choose another --name or pass --overwrite")
-    if overwrite and not resume:
-        clear_checkpoints(out_dir / name)
     return bundle_path
+
+
+def _start_fresh(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """With --overwrite (and not --resume), remove this run's own training checkpoints; called once the new inputs
+    have been read and checked, so a bad new input leaves the old run intact."""
+    if overwrite and not resume:
+        clear_checkpoints(run_dir)
 
 
 def default_lr(pretrained: bool) -> float:
@@ -148,9 +168,13 @@ def build_initialised_model(head: Mapping[str, Any], init: Optional[str],
     if init in (None, "", "scratch"):
         arch = {"backbone": {**DEFAULT_BACKBONE, **asked}, "head": dict(head)}
         return build_model(arch), {"init": "scratch", "architecture": arch}
-    path = Path(init)
+    from .catalog import resolve
+
+    catalog = resolve(str(init))  # a catalog name (or file): checked against its recorded SHA-256 first
+    path = catalog[0] if catalog else Path(init)
     if not path.is_file():
-        raise Med3DError(f"--init {init}: no such file; give a Med3D bundle, a MedicalNet .pth file or 'scratch'")
+        raise Med3DError(f"--init {init}: no such file or catalog name; give a Med3D bundle, a MedicalNet .pth "
+                         "file, a catalog name (med3d models list) or 'scratch'")
     info = weights.inspect_file(path)
     found = {k: info[k] for k in ("depth", "shortcut_type", "preact")}
     if any(found.get(k) != v for k, v in asked.items()):
@@ -160,7 +184,10 @@ def build_initialised_model(head: Mapping[str, Any], init: Optional[str],
     arch = {"backbone": found, "head": dict(head)}
     model = build_model(arch)
     weights.load_medicalnet(model, path)
-    return model, {"init": str(path), "init_format": info["format"], "architecture": arch}
+    provenance = {"init": str(path), "init_format": info["format"], "architecture": arch}
+    if catalog:
+        provenance.update(init_catalog=catalog[1].name, init_sha256=catalog[2])
+    return model, provenance
 
 
 def encoder_head_groups(model: Med3DNet, encoder_lr: float, head_lr: float) -> List[Dict[str, Any]]:
@@ -331,6 +358,7 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
 
     seed_everything(settings.seed)
     model, provenance = build_initialised_model({"type": "classifier", "num_classes": 2}, init, backbone)
+    _start_fresh(out_dir / name, overwrite, resume)  # every new input read and checked by now
     pretrained = provenance["init"] != "scratch"
     lr = settings.lr if settings.lr is not None else default_lr(pretrained)
     head_lr = settings.head_lr if settings.head_lr is not None else (10 * lr if pretrained else lr)
@@ -365,7 +393,7 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
                     "init": provenance["init"], "steps": settings.steps, "settings": settings.to_dict(),
                     "frozen": sorted({n.split(".")[1] for n in frozen}),
                     "best": result.best, "metrics": metrics},
-        extra={"nodule_input": spec.to_dict()}, overwrite=True)
+        extra={"nodule_input": spec.to_dict()}, overwrite=overwrite or resume)
     reporter(make_event("finetune", kind="result", message=f"saved {bundle_path}", metrics=metrics,
                         path=str(bundle_path)))
     return {"bundle": bundle_path, "metrics": metrics, "probabilities": probs, "labels": val_labels,
@@ -380,8 +408,11 @@ LUNG_LABEL = {"value": 1, "name": "lung", "color": [197, 165, 145], "terminology
 LIVER_LABEL = {"value": 1, "name": "liver", "color": [221, 130, 101], "terminology": "SCT^10200004^Liver"}
 TUMOUR_LABEL = {"value": 2, "name": "liver tumour", "color": [144, 238, 144], "terminology": "SCT^108369006^Neoplasm"}
 PRESETS: Dict[str, Dict[str, Any]] = {
+    # Lungs: a coarse 3 x 3 x 4 mm grid (a 64-voxel patch spans 19 cm, enough to tell trachea and gut gas from
+    # lung; resampling a lung mask there and back keeps Dice above 0.98) and an air-to-bone window, so padding
+    # values (-2048, -3024) and metal do not move the z-score.
     "lung": {"labels": [LUNG_LABEL], "head": {"type": "lung_decoder", "channels": [128, 64, 32]},
-             "spacing": (2.0, 2.0, 3.0), "window": None, "modality": "CT", "patch": (32, 64, 64)},
+             "spacing": (3.0, 3.0, 4.0), "window": (-1000.0, 400.0), "modality": "CT", "patch": (32, 64, 64)},
     "liver": {"labels": [LIVER_LABEL, TUMOUR_LABEL], "head": {"type": "denseaspp"},
               "spacing": (1.5, 1.5, 3.0), "window": (-200.0, 250.0), "modality": "CT", "patch": (32, 64, 64),
               "coarse": {"spacing": (4.0, 4.0, 4.0), "patch": (32, 64, 64)}, "margin_mm": 10.0},
@@ -507,9 +538,10 @@ def _run_stage(domain: Any, val_domain: Any, spacing: Sequence[float], head: Map
     cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
     spacings = {domain.name: tuple(spacing)}
     train_data = PreparedCases([domain], spacings, cache)
-    val_data = PreparedCases([val_domain], {val_domain.name: tuple(spacing)}, cache)
+    val_data = PreparedCases([val_domain], {val_domain.name: tuple(spacing)}, cache) if val_domain.cases else None
     train_data.warm(reporter)
-    val_data.warm(reporter)
+    if val_data is not None:
+        val_data.warm(reporter)
     seed_everything(settings.seed)
     model, provenance = build_initialised_model(head, init, backbone)
     pretrained = provenance["init"] != "scratch"
@@ -525,7 +557,8 @@ def _run_stage(domain: Any, val_domain: Any, spacing: Sequence[float], head: Map
                          checkpoint_every=max(settings.validate_every, 25), seed=settings.seed, device=settings.device)
     result = train(model, config, sampler.next_batch, segmentation_loss, run_dir,
                    groups=encoder_head_groups(model, lr, head_lr),
-                   validate=lambda m: volume_dice(m, val_data, values), stateful={"sampler": sampler},
+                   validate=(lambda m: volume_dice(m, val_data, values)) if val_data is not None else None,
+                   stateful={"sampler": sampler},
                    reporter=reporter, resume=resume, stage=stage)
     if result.best_path:
         model.load_state_dict(weights.safe_load(result.best_path)["model"])
@@ -541,17 +574,21 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
                           settings: Optional[SegmentationSettings] = None,
                           groups: Optional[Mapping[str, str]] = None,
                           val_cases: Optional[Sequence[str]] = None, reporter: Optional[Reporter] = None,
-                          resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+                          resume: bool = False, overwrite: bool = False,
+                          label_sources: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Fine-tune a segmentation model on one domain (:class:`med3dcore.data.Domain`) and write
     ``out_dir/<name>.pt``.
 
     ``preset`` ``"lung"`` or ``"liver"`` fixes labels, colours, terminology, head, spacing and CT window (liver:
     two stages, coarse ROI + DenseASPP); without a preset the domain's labels and median spacing are used with
     the lung decoder. ``groups`` maps case ids to patients for the grouped split (default: each case its own);
-    ``val_cases`` (case ids) replaces the random split with a chosen validation set.
+    ``val_cases`` (case ids) replaces the random split with a chosen validation set; ``settings.val_fraction``
+    0 trains on every case without validation (the last weights are kept). ``label_sources`` (case id ->
+    "real" | "classical" | "synthetic", default "real") is recorded in the bundle's provenance.
     """
     from . import weights
     from .data import validate_domains
+    from .pseudo_labels import label_sources_record
 
     settings = settings or SegmentationSettings()
     reporter = reporter or null_reporter
@@ -569,7 +606,13 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
     spacing = settings.spacing or cfg.get("spacing") or spacings[domain.name]
     patch = tuple(settings.patch or cfg["patch"])
     case_groups = [(groups or {}).get(c.case_id, c.case_id) for c in domain.cases]
-    if val_cases is None:
+    if val_cases is None and settings.val_fraction > 0 and len(set(case_groups)) < 2:
+        reporter(make_event("finetune", kind="message", message=f"the data hold one patient only ({case_groups[0]}): "
+                            "training on all of it without validation (the last weights are kept); add cases "
+                            "from more patients for a validated model"))
+    if val_cases is None and (settings.val_fraction == 0 or len(set(case_groups)) < 2):
+        train_idx, val_idx = list(range(len(domain.cases))), []
+    elif val_cases is None:
         train_idx, val_idx = grouped_split(case_groups, settings.val_fraction, seed=settings.seed)
     else:
         val_idx = [i for i, c in enumerate(domain.cases) if c.case_id in set(val_cases)]
@@ -583,6 +626,9 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
                                      cases=[domain.cases[i] for i in val_idx])
     head = dict(cfg["head"], num_classes=len(values) + 1)
     run_dir = out_dir / name
+    if init not in (None, "", "scratch"):
+        build_initialised_model(head, init, backbone)  # a bad --init fails before anything is removed
+    _start_fresh(run_dir, overwrite, resume)
     extra: Dict[str, Any] = {}
     coarse_info = None
     if "coarse" in cfg:
@@ -607,11 +653,12 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
         bundle_path, model, architecture=provenance["architecture"],
         task={"type": "segmentation", "name": preset or name}, labels=labels, preprocessing=spec,
         provenance={"data": {"domain": domain.name, "train_cases": [c.case_id for c in train_domain.cases],
-                             "validation_cases": [c.case_id for c in val_domain.cases]},
+                             "validation_cases": [c.case_id for c in val_domain.cases],
+                             **label_sources_record([c.case_id for c in domain.cases], label_sources)},
                     "init": provenance["init"], "steps": settings.steps, "settings": settings.to_dict(),
                     "frozen": provenance["frozen"], "learning_rates": provenance["learning_rates"],
                     "best": provenance["best"], "metrics": metrics, "coarse": coarse_info},
-        extra=extra, overwrite=True)
+        extra=extra, overwrite=overwrite or resume)
     reporter(make_event("finetune", kind="result", message=f"saved {bundle_path}", metrics=metrics,
                         path=str(bundle_path)))
     return {"bundle": bundle_path, "metrics": metrics, "coarse": coarse_info}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -18,21 +19,29 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .devices import resolve_device
+from .devices import describe_precision, resolve_device, resolve_precision
 from .errors import Med3DError
 from .nets.model import Med3DNet, build_model
-from .nodules import mask_box, prepare_nodule, scan_box
-from .preprocess import PreprocessSpec, check_intensity_range, preprocess_image, restore_probabilities
+from .nodule_size import measure_nodule
+from .nodules import nodule_box, prepare_nodule
+from .preprocess import PreprocessSpec, check_intensity_range, preprocess_image, restore_class_map
 from .progress import Reporter, make_event, null_reporter
+from .safe_io import regular_file
 from .sliding import make_predictor, sliding_window
 from .volume import Volume, smallest_label_dtype
 from .weights import Bundle, load_bundle, model_from_bundle
 
 ModelLike = Union[str, "os.PathLike[str]", Bundle]
 
-# Default tile (K, J, I voxels after preprocessing). The network is fully convolutional, so a few large tiles with
-# little overlap waste the least work; this size keeps peak memory near 2 GB for ResNet-10 + lung decoder.
-DEFAULT_TILE = (96, 160, 160)
+# How segment() finds the labels: "model" a Med3D bundle; "classical" the weight-free lung method
+# (classical_lung.py); "auto" the given model, else the task's model in the models folder, else classical (lung).
+METHODS = ("auto", "model", "classical")
+CLASSICAL_TASKS = ("lung",)
+
+# Default tile: "auto" (sliding.choose_tile) = the whole preprocessed volume when it fits the voxel budget
+# (sliding.TILE_VOXELS), else the fewest, smallest tiles within it. The network is fully convolutional, so a few
+# large tiles with little overlap waste the least work.
+DEFAULT_TILE = "auto"
 DEFAULT_OVERLAP = 0.1
 OUTPUT_STRIDE = 8  # MedicalNet encoders downsample by 8; tiles are multiples of it
 
@@ -52,17 +61,22 @@ class SegmentationResult:
     labels: Volume
     label_info: List[Dict[str, Any]]
     warnings: List[str] = field(default_factory=list)
+    method: str = "model"  # "model" or "classical": what produced the labels
 
 
 @dataclass
 class ClassificationResult:
-    """Class probabilities by name, the most probable class, and the nodule box used (LPS mm)."""
+    """Class probabilities by name, the most probable class, the box the network was shown (LPS mm; given back as
+    an ROI it gives the same answer) and, when a mask marked the nodule, its measured size: equivalent-sphere
+    diameter (mm) and volume (mL) (see ``nodule_size.py``)."""
 
     probabilities: Dict[str, float]
     predicted: str
     roi_center_lps: Tuple[float, float, float]
     roi_size_mm: Tuple[float, float, float]
     warnings: List[str] = field(default_factory=list)
+    diameter_mm: Optional[float] = None
+    volume_ml: Optional[float] = None
 
 
 # ------------------------------------------------------------------------------------------------ bundles
@@ -73,12 +87,58 @@ def load_model(model: ModelLike) -> Bundle:
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise Med3DError(f"model must be a path to a Med3D model file or a loaded Bundle, got {type(model).__name__}")
-    if os.path.isdir(model):
-        raise Med3DError(f"{model} is a folder; give the model file (.pt) inside it")
-    if not os.path.isfile(model):
+    if not os.path.lexists(model):
         raise Med3DError(f"model file {model} does not exist; give the path of a model saved by med3d finetune "
-                         "(or run med3d demo to make one)")
+                         "(med3d models list shows the models folder)")
+    # os.stat before any open: a folder, a FIFO, a device or a link loop is one clear line, never a blocked read.
+    regular_file(model, "model file", folder_hint="give the model file (.pt) inside it")
     return load_bundle(model)
+
+
+def find_task_model(task: str) -> Optional[Path]:
+    """The one segmentation model for ``task`` in the models folder (``weights.models_dir()``), None when there is
+    none; several are a Med3DError (the user must choose)."""
+    from .weights import list_models, models_dir
+
+    folder = models_dir()
+    found = [m for m in list_models(folder)
+             if m.error is None and m.task.get("type") == "segmentation" and m.task.get("name") == task]
+    if len(found) > 1:
+        names = ", ".join(m.path.name for m in found)
+        raise Med3DError(f"several '{task}' models in {folder} ({names}); choose one with --model")
+    return found[0].path if found else None
+
+
+def choose_method(model: Optional[ModelLike], task: Optional[str], method: str = "auto"
+                  ) -> Tuple[str, Optional[ModelLike]]:
+    """("model", the model or the task's model from the models folder) or ("classical", None), as
+    :func:`segment` decides for ``method`` (see :data:`METHODS`); a combination that cannot work is a Med3DError
+    saying what to give instead."""
+    from .weights import models_dir
+
+    if method not in METHODS:
+        raise Med3DError(f"unknown segmentation method {method!r}; choose {', '.join(METHODS)}")
+    if method == "classical":
+        if task is not None and task not in CLASSICAL_TASKS:
+            raise Med3DError(f"the classical method segments lungs only, not '{task}'; use --task lung, or "
+                             f"--method model with a '{task}' model")
+        if model is not None:
+            raise Med3DError("--method classical uses no model; leave out --model, or use --method model")
+        return "classical", None
+    if model is not None:
+        return "model", model
+    found = find_task_model(task) if task else None
+    if found is not None:
+        return "model", found
+    if method == "auto" and task in CLASSICAL_TASKS:
+        return "classical", None
+    if not task:
+        raise Med3DError("give a model (--model FILE), or a task (--task lung, liver, ...) to use a model from the "
+                         "models folder")
+    hint = "; or use --method classical (no weights)" if task in CLASSICAL_TASKS else ""
+    raise Med3DError(f"no --model given and no '{task}' segmentation model in {models_dir()} (set MED3D_MODELS to "
+                     f"use another folder); make one with `med3d finetune --task {task} ...` and pass --model FILE "
+                     f"or copy the .pt file there{hint}")
 
 
 def _where(bundle: Bundle) -> str:
@@ -113,7 +173,7 @@ def _network(state: Mapping[str, Any], architecture: Mapping[str, Any]) -> Med3D
 
 @dataclass
 class _Options:
-    tile: Optional[Sequence[int]] = DEFAULT_TILE
+    tile: Union[str, Sequence[int], None] = DEFAULT_TILE
     overlap: float = DEFAULT_OVERLAP
     batch_size: int = 1
     precision: str = "auto"
@@ -130,15 +190,22 @@ def _options(options: Mapping[str, Any]) -> _Options:
     return _Options(**{k: v for k, v in options.items() if v is not None or k == "tile"})
 
 
-def _probabilities(volume: Volume, net: Med3DNet, spec: PreprocessSpec, device: torch.device, opts: _Options,
-                   reporter: Reporter, stage: str, input_size: Optional[Sequence[int]] = None) -> np.ndarray:
-    """Class probabilities (C, K, J, I) of ``net`` on ``volume``'s own grid.
+def _classes(volume: Volume, net: Med3DNet, spec: PreprocessSpec, device: torch.device, opts: _Options,
+             reporter: Reporter, stage: str, input_size: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, int]:
+    """The most probable class per voxel of ``volume``'s own grid (uint8 indices; the argmax of the class
+    probabilities restored linearly to that grid) and the network's number of classes.
 
     With ``input_size`` the whole preprocessed volume is resized to it (a coarse stage trained that way);
     otherwise it goes through the sliding window.
     """
     array, prepared = preprocess_image(volume, spec)
-    predict = make_predictor(net, device, opts.precision)
+    say = lambda text: reporter(make_event("segment", kind="message", message=f"{stage}: {text}"))  # noqa: E731
+    si, sj, sk = (float(v) for v in (spec.spacing or volume.spacing))
+    say(f"network input: {array.shape[0]} slices of {array.shape[1]}x{array.shape[2]} voxels, {si:g}x{sj:g} mm, "
+        f"{sk:g} mm apart")
+    precision = resolve_precision(opts.precision, device)
+    say(f"precision {describe_precision(precision, device)}")
+    predict = make_predictor(net, device, precision)
     image = torch.from_numpy(array)[None]
     if input_size is not None:
         size = tuple(int(s) for s in input_size)
@@ -152,7 +219,8 @@ def _probabilities(volume: Volume, net: Med3DNet, spec: PreprocessSpec, device: 
                                blend=opts.blend, multiple=OUTPUT_STRIDE, pad_value=float(array.min()),
                                device=device, reporter=reporter, stage=stage)
     del image, array
-    return restore_probabilities(probs.numpy(), prepared)
+    say("putting the result back on the scan's own grid")  # seconds on a big scan: the bar stands still meanwhile
+    return restore_class_map(probs.numpy(), prepared), int(probs.shape[0])
 
 
 def keep_largest_components(labels: np.ndarray, mode: str, count: int) -> np.ndarray:
@@ -160,8 +228,19 @@ def keep_largest_components(labels: np.ndarray, mode: str, count: int) -> np.nda
     (``foreground``, whole components kept with all their labels); the rest becomes background. Components
     after the first that are smaller than :data:`MIN_SECOND_FRACTION` of it are dropped too."""
     out = labels.copy()
-    structure = np.ones((3, 3, 3), dtype=bool)
-    groups = [labels > 0] if mode == "foreground" else [labels == v for v in np.unique(labels) if v != 0]
+    foreground = labels > 0
+    if not foreground.any():
+        return out
+    # Components never leave the box around the foreground: label only inside it (same result, a fraction of
+    # the voxels of a whole CT).
+    box = []
+    for axis in range(labels.ndim):
+        hit = np.flatnonzero(foreground.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    inside, kept = labels[tuple(box)], out[tuple(box)]
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    present = np.flatnonzero(np.bincount(inside.ravel())) if inside.dtype.kind == "u" else np.unique(inside)
+    groups = [foreground[tuple(box)]] if mode == "foreground" else [inside == v for v in present if v != 0]
     for mask in groups:
         components, n = ndimage.label(mask, structure=structure)
         if n <= 1:
@@ -172,18 +251,20 @@ def keep_largest_components(labels: np.ndarray, mode: str, count: int) -> np.nda
         drop = np.ones(n + 1, dtype=bool)
         drop[0] = False
         drop[np.asarray(keep) + 1] = False
-        out[drop[components]] = 0
+        kept[drop[components]] = 0
     return out
 
 
-def _label_map(probs: np.ndarray, values: Sequence[int]) -> np.ndarray:
-    """Argmax over classes, mapped to the bundle's label values (class 0 is background)."""
-    index = np.argmax(probs, axis=0)
-    if len(values) + 1 != probs.shape[0]:
-        raise Med3DError(f"the model lists {len(values)} labels but its network gives {probs.shape[0]} classes "
+def _label_map(classes: np.ndarray, n_classes: int, values: Sequence[int]) -> np.ndarray:
+    """Class indices mapped to the bundle's label values (class 0 is background), smallest integer dtype."""
+    if len(values) + 1 != n_classes:
+        raise Med3DError(f"the model lists {len(values)} labels but its network gives {n_classes} classes "
                          "(background + one per label); the file is damaged")
-    labels = np.asarray([0] + list(values), dtype=np.int64)[index]
-    return labels.astype(smallest_label_dtype(labels))
+    table = np.asarray([0] + list(values), dtype=np.int64)
+    table = table.astype(smallest_label_dtype(table))
+    if np.array_equal(table, np.arange(len(table))) and classes.dtype == table.dtype:
+        return classes  # values 1..n in class order: the indices are the labels
+    return table[classes]
 
 
 def _crop(volume: Volume, start: Sequence[int], stop: Sequence[int]) -> Volume:
@@ -200,10 +281,9 @@ def _two_stage(volume: Volume, bundle: Bundle, fine: Med3DNet, device: torch.dev
     coarse = bundle.extra["coarse"]
     coarse_net = _network(coarse["state_dict"], coarse["architecture"])
     coarse_spec = PreprocessSpec.from_dict(coarse["preprocessing"])
-    probs = _probabilities(volume, coarse_net, coarse_spec, device, opts, reporter, "coarse",
-                           coarse.get("input_size"))
-    foreground = keep_largest_components((np.argmax(probs, axis=0) > 0).astype(np.uint8), "foreground", 1)
-    del probs
+    classes, _ = _classes(volume, coarse_net, coarse_spec, device, opts, reporter, "coarse", coarse.get("input_size"))
+    foreground = keep_largest_components((classes > 0).astype(np.uint8), "foreground", 1)
+    del classes
     labels = np.zeros(volume.shape, dtype=np.uint8)
     if not foreground.any():
         warnings.append(f"the coarse stage found no {bundle.task.get('name', 'organ')} in this scan; the label map "
@@ -216,46 +296,63 @@ def _two_stage(volume: Volume, bundle: Bundle, fine: Med3DNet, device: torch.dev
     stop = np.minimum(found.max(axis=0) + 1 + np.asarray(margin), volume.shape)
     roi = _crop(volume, start, stop)
     spec = PreprocessSpec.from_dict(bundle.preprocessing)
-    fine_probs = _probabilities(roi, fine, spec, device, opts, reporter, "fine")
+    fine_classes, n_classes = _classes(roi, fine, spec, device, opts, reporter, "fine")
     values = [int(info["value"]) for info in bundle.labels]
-    fine_labels = _label_map(fine_probs, values)
+    fine_labels = _label_map(fine_classes, n_classes, values)
     labels = labels.astype(fine_labels.dtype)
     labels[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] = fine_labels
     return labels
 
 
-def segment(volume: Volume, model: ModelLike, task: Optional[str] = None, device: str = "auto",
-            reporter: Optional[Reporter] = None, **options: Any) -> SegmentationResult:
-    """Segment ``volume`` with a segmentation bundle (a path or a loaded :class:`Bundle`).
+def segment(volume: Volume, model: Optional[ModelLike] = None, task: Optional[str] = None, device: str = "auto",
+            reporter: Optional[Reporter] = None, method: str = "auto", synthetic_input: bool = False,
+            **options: Any) -> SegmentationResult:
+    """Segment ``volume`` with a segmentation bundle (a path or a loaded :class:`Bundle`) or, for lungs, with the
+    weight-free classical method.
 
-    ``task`` (e.g. ``"lung"``, ``"liver"``), when given, must be the bundle's task. A bundle with a coarse stage
-    (``extra["coarse"]``, the liver model) runs both stages. ``options``: ``tile`` (K, J, I voxels, None = whole
-    volume), ``overlap``, ``batch_size``, ``precision`` (auto/fp32/bf16/amp), ``blend`` (gaussian/constant),
-    ``keep_largest`` (anatomical clean-up, default on). Progress goes to ``reporter``; warnings (also sent as
-    ``message`` events) are in the result. The label map has exactly the input's size, spacing, origin and
-    direction.
+    ``method``: ``"model"``, ``"classical"`` (lungs: labels 1 right lung, 2 left lung; see ``classical_lung.py``)
+    or ``"auto"`` (the given model, else the ``task`` model in the models folder, else classical for lungs);
+    :func:`choose_method` says what it picks. ``task`` (e.g. ``"lung"``, ``"liver"``), when given, must be the
+    bundle's task. A bundle with a coarse stage (``extra["coarse"]``, the liver model) runs both stages.
+    ``options``: ``tile`` (K, J, I voxels, None = whole volume, ``"auto"`` = the whole volume when it fits the voxel
+    budget, else the fewest tiles within it), ``overlap``, ``batch_size``, ``precision`` (auto/fp32/bf16/amp; auto =
+    amp on CUDA, bf16 on CPUs with native bfloat16, else fp32), ``blend`` (gaussian/constant), ``keep_largest``
+    (anatomical clean-up, default on).
+    A model trained only on synthetic phantoms warns that it is, unless ``synthetic_input`` says the scan is a
+    phantom too (the demo's). Progress goes to ``reporter``; warnings (also sent as ``message`` events) are in
+    the result. The label map has exactly the input's size, spacing, origin and direction.
     """
+    from .pseudo_labels import SYNTHETIC_MODEL_WARNING, trained_only_on_synthetic
+
     reporter = reporter or null_reporter
     opts = _options(options)
     if not isinstance(volume, Volume):
         raise Med3DError(f"segment needs a Volume (see med3dcore.volume.read_volume), got {type(volume).__name__}")
+    chosen, model = choose_method(model, task, method)
+    if chosen == "classical":
+        from .classical_lung import LUNG_LABELS, segment_lungs
+
+        found = segment_lungs(volume, reporter)
+        return SegmentationResult(found.labels, [dict(info) for info in LUNG_LABELS], found.warnings, "classical")
     bundle = load_model(model)
     _require_task(bundle, "segmentation", task)
     name = str(bundle.task.get("name", "segmentation"))
     spec = PreprocessSpec.from_dict(bundle.preprocessing)
     dev = resolve_device(device)
     warnings: List[str] = []
-    warning = check_intensity_range(volume.array, spec.modality)
-    if warning:
+    checks = [check_intensity_range(volume.array, spec.modality)]
+    if trained_only_on_synthetic(bundle.provenance) and not synthetic_input:
+        checks.append(SYNTHETIC_MODEL_WARNING)
+    for warning in filter(None, checks):
         warnings.append(warning)
         reporter(make_event("segment", kind="message", message=f"warning: {warning}"))
     net = model_from_bundle(bundle)
     if "coarse" in bundle.extra:
         labels = _two_stage(volume, bundle, net, dev, opts, reporter, warnings)
     else:
-        probs = _probabilities(volume, net, spec, dev, opts, reporter, name)
-        labels = _label_map(probs, [int(info["value"]) for info in bundle.labels])
-        del probs
+        classes, n_classes = _classes(volume, net, spec, dev, opts, reporter, name)
+        labels = _label_map(classes, n_classes, [int(info["value"]) for info in bundle.labels])
+        del classes
     rule = KEEP_COMPONENTS.get(name)
     if opts.keep_largest and rule is not None:
         per_label, count = rule
@@ -288,25 +385,19 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
     warning = check_intensity_range(volume.array, "CT")
     if warning:
         warnings.append(warning)
+    marks: Dict[str, Any] = {}
     if roi is not None:
         try:
-            centre, size = roi
+            marks["center_lps"], marks["size_mm"] = roi
         except (TypeError, ValueError):
             raise Med3DError("roi must be (centre, size): centre x, y, z and size in LPS mm") from None
-        cube = prepare_nodule(volume, center_lps=centre, size_mm=size, params=params)
-        low, high = scan_box(volume)
-        box_centre = tuple(float(v) for v in centre)
-        box_size = tuple(float(v) for v in (size if size is not None else high - low))
     elif mask is not None:
-        centre_lps, low, high = mask_box(volume, mask)
-        box_centre = tuple(float(v) for v in centre_lps)
-        box_size = tuple(float(v) for v in high - low)
-        cube = prepare_nodule(volume, mask=mask, params=params)
-    else:
-        cube = prepare_nodule(volume, params=params)
-        low, high = scan_box(volume)
-        box_centre = tuple(float(v) for v in (low + high) / 2.0)
-        box_size = tuple(float(v) for v in high - low)
+        marks["mask"] = mask
+    cube = prepare_nodule(volume, params=params, **marks)
+    low, high = nodule_box(volume, params=params, **marks)  # what the network was shown: give it back as --roi
+    box_centre = tuple(float(v) for v in (low + high) / 2.0)
+    box_size = tuple(float(v) for v in high - low)
+    size = measure_nodule(volume, mask) if mask is not None else {}
     dev = resolve_device(device)
     net = model_from_bundle(bundle).to(dev)
     with torch.inference_mode():
@@ -318,4 +409,5 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
                          "the file is damaged")
     probabilities = {names[value]: float(probs[i]) for i, value in enumerate(sorted(names))}
     predicted = max(probabilities, key=probabilities.get)  # type: ignore[arg-type]
-    return ClassificationResult(probabilities, predicted, box_centre, box_size, warnings)  # type: ignore[arg-type]
+    return ClassificationResult(probabilities, predicted, box_centre, box_size, warnings,  # type: ignore[arg-type]
+                                diameter_mm=size.get("diameter_mm"), volume_ml=size.get("volume_ml"))

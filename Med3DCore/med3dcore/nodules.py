@@ -2,10 +2,10 @@
 
 Nodule crops come in mixed spacing and orientation, and at inference the nodule may sit in a whole CT marked by
 an ROI or a mask. :func:`prepare_nodule` handles all of these the same way: it samples a cube of ``cube``^3 voxels
-at ``spacing_mm`` around the nodule centre on a grid aligned with the LPS axes (array order (K, J, I) = (S, P, L)),
-so reorientation, isotropic resampling and the pad/crop happen in one trilinear interpolation. Only the *visible
-box* is shown: the ROI box, or the mask's bounding box plus ``context_mm``, always within the scan; everything
-else reads as air. That keeps a tight training crop and the same nodule in a whole CT looking alike.
+at ``spacing_mm`` on a grid aligned with the LPS axes (array order (K, J, I) = (S, P, L)), so reorientation,
+isotropic resampling and the pad/crop happen in one trilinear interpolation. Only the *visible box*
+(:func:`nodule_box`) is shown and the cube is centred on it: the ROI box, or the mask's bounding box plus
+``context_mm``, always within the scan; everything else reads as air. That keeps a tight training crop and the same nodule in a whole CT looking alike.
 Intensities are clipped to the CT ``window`` (HU) and scaled to [-1, 1].
 
 :func:`read_nodule_table` reads a classification CSV (image, optional mask or ROI, label, optional patient id).
@@ -13,6 +13,7 @@ Intensities are clipped to the CT ``window`` (HU) and scaled to [-1, 1].
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -20,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
+from . import limits
 from .data import read_csv_rows
 from .errors import Med3DError
 from .volume import Volume
@@ -48,11 +50,17 @@ class NoduleInputSpec:
         if unknown:
             raise Med3DError(f"unknown nodule input parameter(s) {sorted(unknown)}; known: {sorted(known)}")
         spec = cls(**dict(data))
-        spec.window = (float(spec.window[0]), float(spec.window[1]))
-        if int(spec.cube) < 8 or float(spec.spacing_mm) <= 0 or spec.window[1] <= spec.window[0]:
-            raise Med3DError(f"invalid nodule input parameters {spec.to_dict()}: cube must be >= 8 voxels, "
-                             f"spacing positive and the window's upper bound above its lower one")
-        spec.cube = int(spec.cube)
+        # Bounded here (limits.py): a stranger's bundle must not ask for a 4096^3 cube or a 0.001 mm grid.
+        spec.cube = limits.whole_number(spec.cube, "the nodule input cube", 8, limits.MAX_CUBE)
+        spec.spacing_mm = limits.number(spec.spacing_mm, "the nodule input spacing (mm)", *limits.SPACING_RANGE_MM)
+        spec.context_mm = limits.number(spec.context_mm, "the nodule context margin (mm)", 0.0, 1000.0)
+        window = spec.window
+        if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
+            raise Med3DError(f"the nodule input window must be two numbers (low, high HU), got {window!r}")
+        spec.window = (limits.number(window[0], "the nodule window", -1e6, 1e6),
+                       limits.number(window[1], "the nodule window", -1e6, 1e6))
+        if spec.window[1] <= spec.window[0]:
+            raise Med3DError(f"invalid nodule input window {spec.window}: its upper bound must be above its lower one")
         return spec
 
 
@@ -113,42 +121,60 @@ def mask_box(image: Volume, mask: Union[Volume, np.ndarray],
     return world.mean(axis=0), world.min(axis=0) - half, world.max(axis=0) + half
 
 
-def prepare_nodule(volume: Volume, *, center_lps: Optional[Sequence[float]] = None,
-                   size_mm: Optional[Sequence[float]] = None, mask: Union[Volume, np.ndarray, None] = None,
-                   params: Union[NoduleInputSpec, Mapping[str, Any], None] = None) -> np.ndarray:
-    """The network input (1, D, H, W) float32 for one nodule.
-
-    - ``mask`` (a label map on the image's grid, non-zero = nodule): centred on the mask's centroid; the mask's
-      bounding box plus ``context_mm`` is visible.
-    - ``center_lps`` (+ optional ``size_mm``, both LPS mm): an axis-aligned ROI box; without a size the whole
-      cube is visible.
-    - neither: the whole image is the nodule crop, centred on its middle.
-    """
+def nodule_box(volume: Volume, *, center_lps: Optional[Sequence[float]] = None,
+               size_mm: Optional[Sequence[float]] = None, mask: Union[Volume, np.ndarray, None] = None,
+               params: Union[NoduleInputSpec, Mapping[str, Any], None] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The box (low corner, high corner; LPS mm) the network is shown for a nodule: the ROI box, or the mask's
+    bounding box plus ``context_mm``, or the whole scan; always within the scan and within the cube, which is
+    centred on this box. Giving the returned box back as an ROI (centre = its middle, size = its extent) shows the
+    network exactly the same input."""
     spec = _spec(params)
     low_scan, high_scan = scan_box(volume)
     if mask is not None and center_lps is not None:
         raise Med3DError("give either a mask or an ROI (centre and size), not both")
     if mask is not None:
-        centre, low, high = mask_box(volume, mask, spec.context_mm)
+        _, low, high = mask_box(volume, mask, spec.context_mm)
     elif center_lps is not None:
         centre = np.asarray(center_lps, float).reshape(-1)
         if centre.shape != (3,) or not np.all(np.isfinite(centre)):
             raise Med3DError(f"the ROI centre must be three finite numbers (x, y, z in LPS mm), got {center_lps}")
-        if size_mm is None:
-            low, high = centre - np.inf, centre + np.inf
-        else:
-            size = np.asarray(size_mm, float).reshape(-1)
-            if size.shape != (3,) or not np.all(size > 0):
-                raise Med3DError(f"the ROI size must be three positive numbers in mm, got {size_mm}")
-            low, high = centre - size / 2.0, centre + size / 2.0
         if np.any(centre < low_scan) or np.any(centre > high_scan):
             raise Med3DError(
                 f"the ROI centre {_fmt(centre)} mm lies outside the scan, which spans {_fmt(low_scan)} to "
                 f"{_fmt(high_scan)} mm (LPS); give LPS coordinates (Slicer shows RAS: negate x and y)")
+        if size_mm is None:  # no size: the whole cube around the centre
+            size = np.full(3, spec.cube * float(spec.spacing_mm))
+        else:
+            size = np.asarray(size_mm, float).reshape(-1)
+            if size.shape != (3,) or not np.all(np.isfinite(size)) or not np.all(size > 0):
+                raise Med3DError(f"the ROI size must be three positive numbers in mm, got {size_mm}")
+        low, high = centre - size / 2.0, centre + size / 2.0
     else:
-        centre = (low_scan + high_scan) / 2.0
         low, high = low_scan, high_scan
     low, high = np.maximum(low, low_scan), np.minimum(high, high_scan)
+    # The cube is centred on the visible box; clipping the box to the cube keeps that centre.
+    centre, reach = (low + high) / 2.0, spec.cube * float(spec.spacing_mm) / 2.0
+    return np.maximum(low, centre - reach), np.minimum(high, centre + reach)
+
+
+def prepare_nodule(volume: Volume, *, center_lps: Optional[Sequence[float]] = None,
+                   size_mm: Optional[Sequence[float]] = None, mask: Union[Volume, np.ndarray, None] = None,
+                   params: Union[NoduleInputSpec, Mapping[str, Any], None] = None) -> np.ndarray:
+    """The network input (1, D, H, W) float32 for one nodule: a cube centred on :func:`nodule_box`'s box, which
+    alone is visible (the rest reads as air).
+
+    - ``mask`` (a label map on the image's grid, non-zero = nodule): the mask's bounding box plus ``context_mm``.
+    - ``center_lps`` (+ optional ``size_mm``, both LPS mm): an axis-aligned ROI box; without a size the whole
+      cube around the centre.
+    - neither: the whole image is the nodule crop.
+    """
+    spec = _spec(params)
+    array = np.asarray(volume.array)
+    if array.dtype.kind == "f" and not math.isfinite(float(np.add.reduce(array.reshape(-1), dtype=np.float64))):
+        raise Med3DError("the scan contains NaN or infinite voxels, so no probability computed from it would mean "
+                         "anything; fix or re-export the scan")
+    low, high = nodule_box(volume, center_lps=center_lps, size_mm=size_mm, mask=mask, params=spec)
+    centre = (low + high) / 2.0
 
     # Output grid: axis-aligned in LPS, index (i, j, k) -> centre + (index - (n-1)/2) * spacing.
     n, step = spec.cube, float(spec.spacing_mm)
@@ -221,6 +247,8 @@ def read_nodule_table(csv_path: str) -> List[NoduleCase]:
                          f"{sorted(columns)}")
     cases = []
     for line, row in enumerate(rows, start=2):
+        if not (row.get("image") or "").strip():
+            raise Med3DError(f"{csv_path} line {line}: the row names no image; fill it in or remove the row")
         image = os.path.join(folder, row["image"].strip())
         if not os.path.exists(image):
             raise Med3DError(f"{csv_path} line {line}: image {image} does not exist")

@@ -23,6 +23,7 @@ A 64^3 phantom takes well under a second.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -30,6 +31,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import Med3DError
+from .safe_io import write_text
 from .volume import Volume, write_volume
 
 # Label values of the full phantom label map.
@@ -331,17 +333,18 @@ def write_phantom_domains(folder, n_cases: int = 4, seed: int = 0, shape: Sequen
         if layout == "folders":
             entry.update(images=f"{name}/imagesTr", masks=f"{name}/labelsTr")
         elif layout == "csv":
-            with open(droot / "cases.csv", "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["image", "label"])
-                writer.writerows(pairs)
+            table = io.StringIO(newline="")
+            writer = csv.writer(table)
+            writer.writerow(["image", "label"])
+            writer.writerows(pairs)
+            write_text(droot / "cases.csv", table.getvalue(), overwrite=overwrite, what="case table")
             entry["csv"] = f"{name}/cases.csv"
         else:
             msd = {"name": name, "modality": {"0": modality},
                    "labels": {"0": "background", **{str(k): v for k, v in names.items()}},
                    "numTraining": len(pairs),
                    "training": [{"image": f"./{a}", "label": f"./{b}"} for a, b in pairs]}
-            (droot / "dataset.json").write_text(json.dumps(msd, indent=2))
+            write_text(droot / "dataset.json", json.dumps(msd, indent=2), overwrite=overwrite, what="dataset.json")
             entry["dataset_json"] = f"{name}/dataset.json"
         domains.append(entry)
     config = {
@@ -352,5 +355,5 @@ def write_phantom_domains(folder, n_cases: int = 4, seed: int = 0, shape: Sequen
                      "foreground_share": 0.5, "domain_sampling": "round_robin", "checkpoint_every": 20,
                      "seed": seed},
     }
-    config_path.write_text(json.dumps(config, indent=2))
+    write_text(config_path, json.dumps(config, indent=2), overwrite=overwrite, what="config")
     return config_path

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import numpy as np
 import SimpleITK as sitk
 
+from . import limits
 from .errors import Med3DError
 from .volume import (Geometry, Orientation, Volume, as_label_map, canonical_spacing, smallest_label_dtype,
                      to_canonical)
@@ -123,7 +124,10 @@ def resampled_geometry(geometry: Geometry, spacing: Sequence[float]) -> Geometry
         raise Med3DError(f"target spacing must be positive millimetres, got {spacing}")
     size_ijk = np.asarray(geometry.shape[::-1], dtype=np.float64)
     old, new = np.asarray(geometry.spacing), np.asarray(spacing)
-    new_size = np.maximum(1, np.round(size_ijk * old / new)).astype(int)
+    new_size = np.maximum(1, np.round(size_ijk * old / new))
+    limits.voxels(new_size[::-1], "resampling to a spacing of " + "x".join(f"{v:g}" for v in new) + " mm",
+                  "the model's spacing is far finer than the scan's (a damaged or foreign model?)")
+    new_size = new_size.astype(int)
     centre = geometry.ijk_to_lps() @ np.append((size_ijk - 1) / 2, 1.0)
     origin = centre[:3] - geometry.direction @ (new * (new_size - 1) / 2)
     return Geometry(tuple(int(s) for s in new_size[::-1]), spacing, tuple(origin), geometry.direction.copy())
@@ -396,6 +400,44 @@ def restore_probabilities(probs: np.ndarray, prepared: Prepared) -> np.ndarray:
         probs = np.stack([_resample(Volume(p, g.spacing, g.origin, g.direction), prepared.canonical, False, None)
                           for p in probs])
     return prepared.orientation.inverse(probs)
+
+
+RESTORE_SLICES = 8  # output slices per chunk when more than two class maps are restored (memory: C x chunk)
+
+
+def _argmax_uint(probs: np.ndarray) -> np.ndarray:
+    index = np.argmax(probs, axis=0)
+    return index.astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
+
+
+def restore_class_map(probs: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """The argmax over classes of :func:`restore_probabilities` (class indices, uint8, on the input's grid)
+    without its full-resolution float map per class.
+
+    Linear interpolation commutes with differences, so for two classes only ``p1 - p0`` is resampled and its
+    sign taken (class 1 where ``p1 > p0``, as argmax decides ties for class 0); with more classes the input's
+    grid is restored in chunks of :data:`RESTORE_SLICES` slices, each class resampled onto the chunk alone and
+    reduced to its argmax. Without resampling the argmax is taken on the grid and reoriented (no interpolation).
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    _check_grid_shape(probs, prepared, "probabilities", 1)
+    if probs.shape[0] < 2 or not prepared.resampled:
+        return prepared.orientation.inverse(_argmax_uint(probs) if probs.shape[0] >= 2
+                                            else np.zeros(probs.shape[1:], np.uint8))
+    g, c = prepared.grid, prepared.canonical
+    if probs.shape[0] == 2:
+        difference = np.subtract(probs[1], probs[0])
+        restored = _resample(Volume(difference, g.spacing, g.origin, g.direction), c, False, None)
+        return prepared.orientation.inverse(np.greater(restored, 0).view(np.uint8))
+    sources = [Volume(p, g.spacing, g.origin, g.direction) for p in probs]
+    out = np.empty(c.shape, dtype=np.uint8 if probs.shape[0] <= 256 else np.uint16)
+    to_lps = c.ijk_to_lps()
+    for k0 in range(0, c.shape[0], RESTORE_SLICES):
+        k1 = min(k0 + RESTORE_SLICES, c.shape[0])
+        origin = tuple((to_lps @ np.array([0.0, 0.0, k0, 1.0]))[:3])
+        chunk = Geometry((k1 - k0,) + tuple(c.shape[1:]), c.spacing, origin, c.direction)
+        out[k0:k1] = _argmax_uint(np.stack([_resample(src, chunk, False, None) for src in sources]))
+    return prepared.orientation.inverse(out)
 
 
 # ------------------------------------------------------------------------------------------------------ warnings

@@ -17,6 +17,7 @@ At the end the encoder is exported twice into the output folder:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -27,6 +28,7 @@ from torch import nn
 from . import weights
 from .data import PatchSampler, PreparedCases, RunConfig, domain_spec, load_run_config, validate_domains
 from .errors import Med3DError
+from .safe_io import os_reason
 from .nets.heads import CoarseSegHead
 from .nets.model import Med3DNet, build_encoder
 from .progress import Reporter, make_event, null_reporter
@@ -140,11 +142,13 @@ def build_pretrain_model(run: RunConfig) -> MultiDomainNet:
 
 def pretrain(config_path, out_dir, *, resume: bool = False, device: Optional[str] = None,
              reporter: Optional[Reporter] = None, cache_dir: Optional[Any] = "default",
-             overrides: Optional[Mapping[str, Any]] = None) -> PretrainResult:
+             overrides: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> PretrainResult:
     """Run multi-domain pretraining from a run config into ``out_dir`` and export the encoder.
 
     ``cache_dir``: ``"default"`` = ``out_dir/cache``, ``None`` = no cache (every patch re-reads and resamples its
     volume), or a folder. ``overrides`` replace keys of the config's ``training`` section (e.g. ``steps``).
+    Existing exports (``encoder_bundle.pt``, ``medicalnet_resnet<depth>.pth``) are replaced only with
+    ``overwrite`` (checked before any work).
     """
     reporter = reporter or null_reporter
     run = load_run_config(config_path)
@@ -165,12 +169,26 @@ def pretrain(config_path, out_dir, *, resume: bool = False, device: Optional[str
     if not resume and last.exists():
         raise Med3DError(f"{last} exists from an earlier run; pass --resume to continue it or choose a new "
                          "output folder")
+    bundle_path = out / "encoder_bundle.pt"
+    medicalnet_path = out / f"medicalnet_resnet{_backbone(run)['depth']}.pth"
+    for export in (bundle_path, medicalnet_path):
+        if os.path.lexists(export) and not overwrite:
+            raise Med3DError(f"{export} exists; choose another --out or pass --overwrite to replace it")
+    if config.batch_size // ctx.world_size == 1 and min(sampling["patch_size"]) < 16:
+        # The encoder shrinks a patch 8-fold; one sample of 1 voxel per channel leaves batch norm nothing to average.
+        raise Med3DError(f"training config: patch_size {sampling['patch_size']} is too small for a batch of one "
+                         "sample per process (the encoder reduces it 8-fold); use at least 16 voxels per axis or a "
+                         "larger batch_size")
 
     say(make_event("pretrain", kind="message", message=f"checking {sum(len(d.cases) for d in run.domains)} cases "
                    f"of {len(run.domains)} domains"))
     spacings = validate_domains(run.domains)
     if ctx.is_main:  # only now: bad data leave no empty output folder behind
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise Med3DError(f"cannot create the output folder {out}: {os_reason(exc)}; give an --out folder you "
+                             "may write to") from None
     cache = out / "cache" if cache_dir == "default" else cache_dir
     data = PreparedCases(run.domains, spacings, cache)
     if cache is not None:
@@ -189,11 +207,9 @@ def pretrain(config_path, out_dir, *, resume: bool = False, device: Optional[str
                    reporter=_DomainLossReporter(say, names) if ctx.is_main else null_reporter, resume=resume,
                    stage="pretrain", device=dev)
     losses = final_losses(result.history)
-    bundle_path = out / "encoder_bundle.pt"
-    depth = int(run.model.get("depth", 10))
-    medicalnet_path = out / f"medicalnet_resnet{depth}.pth"
     if ctx.is_main:
-        export_encoder(model, run, spacings, config, sampling, losses, bundle_path, medicalnet_path, ctx.world_size)
+        export_encoder(model, run, spacings, config, sampling, losses, bundle_path, medicalnet_path, ctx.world_size,
+                       overwrite=overwrite)
         say(make_event("pretrain", kind="result", message=f"encoder written to {bundle_path} and {medicalnet_path}",
                        metrics={f"loss[{n}]": v for n, v in losses.items()}))
     return PretrainResult(bundle_path, medicalnet_path, losses, result)
@@ -201,8 +217,9 @@ def pretrain(config_path, out_dir, *, resume: bool = False, device: Optional[str
 
 def export_encoder(model: MultiDomainNet, run: RunConfig, spacings: Mapping[str, Sequence[float]],
                    config: TrainConfig, sampling: Mapping[str, Any], losses: Mapping[str, float],
-                   bundle_path: Path, medicalnet_path: Path, world_size: int = 1) -> None:
-    """Write the encoder as a Med3D bundle (task ``encoder``) and as a MedicalNet-layout file."""
+                   bundle_path: Path, medicalnet_path: Path, world_size: int = 1, overwrite: bool = False) -> None:
+    """Write the encoder as a Med3D bundle (task ``encoder``) and as a MedicalNet-layout file; existing files are
+    replaced only with ``overwrite`` (and never one that another run created meanwhile)."""
     model = model.cpu().eval()
     first = run.domains[0]
     net = Med3DNet(model.encoder, model.branches[first.name])
@@ -223,5 +240,5 @@ def export_encoder(model: MultiDomainNet, run: RunConfig, spacings: Mapping[str,
                     "batch_size": config.batch_size, "patch_size": list(sampling["patch_size"]),
                     "processes": world_size, "training": config.to_dict(),
                     "metrics": {f"final_loss[{n}]": v for n, v in losses.items()}},
-        extra={"branches": branches, "head_is_branch_of": first.name}, overwrite=True)
-    weights.export_medicalnet(model.encoder, medicalnet_path, overwrite=True)
+        extra={"branches": branches, "head_is_branch_of": first.name}, overwrite=overwrite)
+    weights.export_medicalnet(model.encoder, medicalnet_path, overwrite=overwrite)

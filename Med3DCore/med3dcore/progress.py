@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from typing import Any, Callable, Dict, Optional, TextIO
 
 Event = Dict[str, Any]
@@ -81,52 +80,74 @@ def _format_metrics(metrics: Dict[str, Any]) -> str:
 
 
 class BarReporter:
-    """A one-line terminal progress bar per stage, redrawn at most ten times a second."""
+    """Terminal progress bars (tqdm): one bar per stage run, with the stage's own elapsed time, rate and ETA.
 
-    def __init__(self, stream: Optional[TextIO] = None, width: int = 28) -> None:
+    A bar ends when its stage reaches its total, when another stage reports, or when the same stage starts over
+    (a lower step or another total: the next of two fine-tuning runs gets a fresh clock). Messages are printed
+    above the bar. Events may carry ``unit`` (``"B"`` for downloads: sizes and speeds in kB/MB; ``"tile"``).
+    """
+
+    def __init__(self, stream: Optional[TextIO] = None, width: Optional[int] = None) -> None:
+        from tqdm import tqdm  # only a terminal needs it: the Slicer module's jsonl stream does not
+
+        self._tqdm = tqdm
         self.stream = stream or sys.stderr
         self.width = width
-        self._last_draw = 0.0
-        self._open_stage: Optional[str] = None
-        self._start: Dict[str, float] = {}
+        self._bar: Any = None
+        self._key: Optional[tuple] = None
 
-    def _end_line(self) -> None:
-        if self._open_stage is not None:
-            self.stream.write("\n")
-            self._open_stage = None
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar, self._key = None, None
+
+    def _open(self, stage: str, total: Optional[int], unit: str, initial: Optional[int]) -> None:
+        self._close()
+        byte_sizes = unit == "B"
+        # initial: a bar opened at step n counts its rate from there, not as n steps in no time
+        self._bar = self._tqdm(total=total, initial=initial or 0, desc=stage, unit=unit, unit_scale=byte_sizes,
+                               unit_divisor=1000, file=self.stream, ncols=self.width,
+                               dynamic_ncols=self.width is None, mininterval=0.1, leave=True,
+                               ascii=not getattr(self.stream, "isatty", lambda: False)())
+        self._key = (stage, total, unit)
+
+    def _is_new(self, stage: str, step: Optional[int], total: Optional[int], unit: str) -> bool:
+        return self._bar is None or self._key != (stage, total, unit) or (step is not None and step < self._bar.n)
 
     def __call__(self, event: Event) -> None:
         kind = event.get("kind", "progress")
         stage = str(event.get("stage", ""))
-        if kind != "progress":
-            self._end_line()
-            text = event.get("message") or _format_metrics(event.get("metrics", {}))
-            self.stream.write(f"[{stage}] {text}\n")
-            self.stream.flush()
-            return
         step, total = event.get("step"), event.get("total")
-        now = time.monotonic()
-        self._start.setdefault(stage, now)
-        last = step is not None and total is not None and step >= total
-        if self._open_stage == stage and not last and now - self._last_draw < 0.1:
+        unit = str(event.get("unit") or "step")
+        if kind != "progress":
+            text = event.get("message") or _format_metrics(event.get("metrics", {}))
+            line = f"[{stage}] {text}"
+            if self._bar is not None:
+                self._bar.write(line, file=self.stream)
+            else:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            if kind == "message" and total is not None and self._is_new(stage, step, total, unit):
+                self._open(stage, total, unit, step)  # e.g. "starting": the stage's clock starts now
+                self._bar.refresh()
             return
-        if self._open_stage not in (None, stage):
-            self._end_line()
-        self._last_draw = now
-        if total:
-            frac = min(max((step or 0) / total, 0.0), 1.0)
-            filled = int(round(frac * self.width))
-            bar = "#" * filled + "-" * (self.width - filled)
-            head = f"{stage} [{bar}] {step}/{total}"
-        else:
-            head = f"{stage} {step if step is not None else ''}"
-        elapsed = now - self._start[stage]
+        if self._is_new(stage, step, total, unit):
+            self._open(stage, total, unit, step)
+        bar = self._bar
         metrics = _format_metrics(event.get("metrics", {}))
-        self.stream.write(f"\r{head} {elapsed:5.0f}s {metrics}\x1b[K")
-        self._open_stage = stage
-        if last:
-            self._end_line()
-        self.stream.flush()
+        if metrics:
+            bar.set_postfix_str(metrics, refresh=False)
+        if step is not None and step != bar.n:
+            bar.update(step - bar.n)
+        if total is not None and step is not None and step >= total:
+            bar.refresh()
+            self._close()
+        elif step in (0, None):
+            bar.refresh()  # a new bar shows at once; tqdm paces the redraws that follow
+
+    def close(self) -> None:
+        """End an open bar (e.g. before printing a summary)."""
+        self._close()
 
 
 def null_reporter(event: Event) -> None:

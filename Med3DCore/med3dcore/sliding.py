@@ -7,8 +7,12 @@ tile * (1 - overlap), the last tile flush with the far border), so results match
 settings. Volumes smaller than a tile are padded; the output is cropped back to the input size.
 
 Speed (measured on CPU, see Testing/benchmarks/RESULTS.md): the network is fully convolutional, so few large
-tiles with little overlap do far less redundant work than many small ones, and batched or large convolutions run
-on oneDNN while small batch-1 3D convolutions fall back to a slower path.
+tiles with little overlap do far less redundant work than many small ones; ``tile="auto"`` (:func:`choose_tile`)
+takes the whole volume when it fits a voxel budget and otherwise the fewest, smallest tiles that cover it, so a
+volume slightly larger than a tile is not computed twice. :func:`make_predictor` runs the network in its
+inference form (``nets/fused.py``: BatchNorm folded, ReLU and residual additions fused, every convolution on
+oneDNN), channels-last, in the precision the hardware does fastest (``devices.resolve_precision``). Blending adds
+each tile in place (one multiply-add, no tile-sized temporaries); a single tile is returned as it is.
 """
 from __future__ import annotations
 
@@ -20,15 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import resolve_precision
 from .errors import Med3DError
 from .lowmem import slab_forward, supports_slabs
+from .nets.fused import prepare_for_inference
 from .progress import Reporter, make_event, null_reporter
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
-PRECISIONS = ("auto", "fp32", "bf16", "amp")
 BLENDS = ("gaussian", "constant")
 MIN_WEIGHT = 1e-3
 SLAB = 32  # output slices per slab of the lung decoder's full-resolution group (see lowmem.py)
+# Voxel budget of one tile for tile="auto": 96x160x160, the largest tile measured for ResNet-10 + lung decoder
+# within about 1 GB of inference memory in float32 on CPU (Testing/benchmarks/RESULTS.md).
+TILE_VOXELS = 96 * 160 * 160
+TileSpec = Union[str, Sequence[int], None]
 
 
 def tile_starts(size: int, tile: int, overlap: float) -> List[int]:
@@ -41,30 +50,62 @@ def tile_starts(size: int, tile: int, overlap: float) -> List[int]:
 
 
 def importance_map(tile: Sequence[int], blend: str = "gaussian", sigma_scale: float = 0.125) -> torch.Tensor:
-    """Per-voxel weight of a tile's prediction: a separable Gaussian (sigma = sigma_scale * tile) with maximum 1
-    and minimum :data:`MIN_WEIGHT`, or all ones for ``constant`` (plain averaging)."""
+    """Per-voxel weight of a tile's prediction: a separable Gaussian exp(-d^2 / (2 sigma^2)) of the distance d
+    from the tile's centre (sigma = sigma_scale * tile; 1 at the centre of an odd-sized tile), floored at
+    :data:`MIN_WEIGHT`, or all ones for ``constant`` (plain averaging). Computed in float32 and floored as MONAI
+    does, so the same settings blend to the same probabilities."""
     if blend not in BLENDS:
         raise Med3DError(f"unknown blend mode '{blend}'; choose one of: {', '.join(BLENDS)}")
     if blend == "constant":
         return torch.ones(tuple(int(t) for t in tile), dtype=torch.float32)
     axes = []
     for length in tile:
-        x = torch.arange(int(length), dtype=torch.float64)
+        d = torch.arange(int(length), dtype=torch.float32) - (int(length) - 1) / 2.0
         sigma = max(sigma_scale * length, 1e-3)
-        axes.append(torch.exp(-0.5 * ((x - (length - 1) / 2.0) / sigma) ** 2))
+        axes.append(torch.exp(d ** 2 / (-2.0 * sigma ** 2)))
     weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weights = weights / weights.max()
-    # A floor of 1e-3 (as MONAI uses): voxels that only tile borders see keep a well-defined, non-vanishing weight.
-    return weights.clamp(min=MIN_WEIGHT).to(torch.float32)
+    # The floor: voxels that only tile borders see keep a well-defined, non-vanishing weight.
+    return weights.clamp(min=MIN_WEIGHT)
 
 
 def _round_up(value: int, multiple: int) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
-def effective_tile(size: Sequence[int], tile: Optional[Sequence[int]], multiple: int = 1) -> Tuple[int, int, int]:
-    """The tile actually used: ``tile`` (None = the whole volume), never larger than the volume needs, and a
-    multiple of ``multiple`` (the network's total stride) along every axis."""
+def _axis_tile(size: int, count: int, overlap: float, multiple: int) -> int:
+    """The smallest tile (a multiple of ``multiple``) that covers ``size`` voxels with at most ``count`` tiles."""
+    tile = _round_up(max(1, math.ceil(size / count)), multiple)
+    while tile < size and len(tile_starts(size, tile, overlap)) > count:
+        tile += multiple
+    return min(tile, _round_up(size, multiple))
+
+
+def choose_tile(size: Sequence[int], max_voxels: int = TILE_VOXELS, overlap: float = 0.1,
+                multiple: int = 1) -> Tuple[int, int, int]:
+    """The tile for ``tile="auto"``: the whole volume (rounded up to ``multiple``) when it has at most
+    ``max_voxels`` voxels; otherwise the axis with the longest tile is split into one more tile at a time, each
+    split taking the smallest tile that still covers the axis with ``overlap``, until a tile fits the budget.
+    A volume slightly larger than a fixed tile is thus covered by two half-size tiles instead of two full ones."""
+    size = tuple(int(s) for s in size)
+    counts = [1, 1, 1]
+    tiles = [_axis_tile(s, 1, overlap, multiple) for s in size]
+    while math.prod(tiles) > max_voxels:
+        axis = max(range(3), key=lambda a: (tiles[a], -a))
+        if tiles[axis] <= multiple:
+            break  # cannot shrink further; the budget is smaller than one stride-sized tile
+        counts[axis] += 1
+        tiles[axis] = _axis_tile(size[axis], counts[axis], overlap, multiple)
+    return tiles[0], tiles[1], tiles[2]
+
+
+def effective_tile(size: Sequence[int], tile: TileSpec, multiple: int = 1, overlap: float = 0.1,
+                   max_voxels: int = TILE_VOXELS) -> Tuple[int, int, int]:
+    """The tile actually used: ``tile`` (None = the whole volume, ``"auto"`` = :func:`choose_tile`), never larger
+    than the volume needs, and a multiple of ``multiple`` (the network's total stride) along every axis."""
+    if isinstance(tile, str):
+        if tile != "auto":
+            raise Med3DError(f"tile must be 'auto', None (the whole volume) or three voxel counts, got {tile!r}")
+        return choose_tile(size, max_voxels, overlap, multiple)
     if tile is None:
         tile = size
     tile = tuple(int(t) for t in tile)
@@ -80,18 +121,19 @@ def _tiles(size: Sequence[int], tile: Sequence[int], overlap: float) -> Iterator
                 yield (slice(k, k + tile[0]), slice(j, j + tile[1]), slice(i, i + tile[2]))
 
 
-def sliding_window(predict: Predictor, image: Union[torch.Tensor, np.ndarray], tile: Optional[Sequence[int]] = None,
+def sliding_window(predict: Predictor, image: Union[torch.Tensor, np.ndarray], tile: TileSpec = None,
                    overlap: float = 0.25, batch_size: int = 1, blend: str = "gaussian", sigma_scale: float = 0.125,
                    multiple: int = 1, pad_value: float = 0.0, device: Union[str, torch.device, None] = None,
                    out_device: Union[str, torch.device] = "cpu", reporter: Optional[Reporter] = None,
-                   stage: str = "infer") -> torch.Tensor:
+                   stage: str = "infer", max_tile_voxels: int = TILE_VOXELS) -> torch.Tensor:
     """Run ``predict`` over ``image`` (C, K, J, I) in tiles and blend the results.
 
     ``predict`` maps a batch (B, C, k, j, i) to (B, N, k, j, i) (e.g. class probabilities). ``tile`` is in voxels
-    (None = the whole volume at once); it is shrunk to the volume where the volume is smaller and rounded up to
-    ``multiple`` (padding with ``pad_value``). Tiles are sent to ``device`` (default: the image's) in batches of
-    ``batch_size``; the float32 output (N, K, J, I) is accumulated on ``out_device`` (CPU by default, which keeps
-    GPU memory to one batch). Progress goes to ``reporter`` as ``stage`` events, one per batch.
+    (None = the whole volume at once, ``"auto"`` = :func:`choose_tile` within ``max_tile_voxels``); it is shrunk
+    to the volume where the volume is smaller and rounded up to ``multiple`` (padding with ``pad_value``). Tiles
+    are sent to ``device`` (default: the image's) in batches of ``batch_size``; the float32 output (N, K, J, I) is
+    accumulated on ``out_device`` (CPU by default, which keeps GPU memory to one batch). Progress goes to ``reporter`` as ``stage`` events (``unit`` ``"tile"``): step 0
+    before the first batch, then one per batch.
     """
     if not 0.0 <= overlap < 1.0:
         raise Med3DError(f"overlap must be in [0, 1), got {overlap}; 0.25 is a common choice")
@@ -104,7 +146,7 @@ def sliding_window(predict: Predictor, image: Union[torch.Tensor, np.ndarray], t
     device = torch.device(device) if device is not None else image.device
     out_device = torch.device(out_device)
     size = tuple(int(s) for s in image.shape[1:])
-    tile = effective_tile(size, tile, multiple)
+    tile = effective_tile(size, tile, multiple, overlap, max_tile_voxels)
     padded = tuple(max(s, t) for s, t in zip(size, tile))
     if padded != size:
         pads = []
@@ -113,12 +155,14 @@ def sliding_window(predict: Predictor, image: Union[torch.Tensor, np.ndarray], t
         image = F.pad(image, pads, mode="constant", value=pad_value)
 
     windows = list(_tiles(padded, tile, overlap))
-    weight = importance_map(tile, blend, sigma_scale).to(out_device)
-    weight_sum = torch.zeros(padded, dtype=torch.float32, device=out_device)
+    single = len(windows) == 1  # one tile: its prediction is the output, no weights needed
+    weight = None if single else importance_map(tile, blend, sigma_scale).to(out_device)
+    weight_sum = None if single else torch.zeros(padded, dtype=torch.float32, device=out_device)
     output: Optional[torch.Tensor] = None
     total = math.ceil(len(windows) / batch_size)
     # Only the network runs in inference mode: its outputs cannot be updated in place, but the accumulators
     # below are ordinary tensors that callers may modify.
+    reporter(make_event(stage, 0, total, unit="tile"))  # the bar (and its clock) starts before the first tile
     with torch.no_grad():
         for step, first in enumerate(range(0, len(windows), batch_size), start=1):
             batch_windows = windows[first:first + batch_size]
@@ -129,39 +173,44 @@ def sliding_window(predict: Predictor, image: Union[torch.Tensor, np.ndarray], t
                 raise Med3DError(f"the network returned shape {tuple(result.shape)} for input {tuple(batch.shape)}; "
                                  "a segmentation model must return one map per class at the input size")
             result = result.to(device=out_device, dtype=torch.float32)
-            if output is None:
-                output = torch.zeros((result.shape[1],) + padded, dtype=torch.float32, device=out_device)
-            for b, w in enumerate(batch_windows):
-                output[(slice(None),) + w] += result[b] * weight
-                weight_sum[w] += weight
-            reporter(make_event(stage, step, total))
+            if single:
+                output = result[0].clone() if result.is_inference() else result[0]
+            else:
+                if output is None:
+                    output = torch.zeros((result.shape[1],) + padded, dtype=torch.float32, device=out_device)
+                for b, w in enumerate(batch_windows):
+                    output[(slice(None),) + w].addcmul_(result[b], weight)  # in place: no tile-sized temporary
+                    weight_sum[w] += weight
+            del result
+            reporter(make_event(stage, step, total, unit="tile"))
         assert output is not None
-        output /= weight_sum
+        if not single:
+            output /= weight_sum
     return output[:, :size[0], :size[1], :size[2]]
 
 
 def make_predictor(model: nn.Module, device: Union[str, torch.device], precision: str = "auto",
-                   activation: str = "softmax", slabs: bool = True) -> Predictor:
-    """Wrap a network for :func:`sliding_window`: eval mode on ``device``, chosen precision, output activation.
+                   activation: str = "softmax", slabs: bool = True, fuse: bool = True) -> Predictor:
+    """Wrap a network for :func:`sliding_window`: inference form on ``device``, chosen precision, activation.
 
-    ``precision``: ``fp32``; ``bf16`` (bfloat16 weights and inputs: faster only on CPUs with native bf16, about
-    1% output error); ``amp`` (float16 autocast, CUDA only); ``auto`` = ``amp`` on CUDA, ``fp32`` elsewhere. On
-    CPU the model and inputs use the channels-last layout. The model is moved (and for ``bf16`` converted) in
-    place. ``activation``: ``softmax`` over classes, ``sigmoid`` or ``none``. Outputs are float32. ``slabs``: run
-    a lung decoder's full-resolution group in slabs (``lowmem.py``; identical values, lower peak memory).
+    ``precision`` (``devices.resolve_precision``): ``fp32``; ``bf16`` (bfloat16 weights and inputs: 2-5x faster
+    on CPUs with AVX512_BF16 or AMX, slower than fp32 on CPUs without; label maps agree to Dice >= 0.995 on the
+    real chest CTs); ``amp`` (float16 autocast, CUDA only); ``auto`` = ``amp`` on CUDA, ``bf16`` on a CPU with
+    native bfloat16, ``fp32`` elsewhere. The model is changed in place for inference and must not be trained
+    afterwards: eval mode, moved to ``device``, with ``fuse`` BatchNorm folded into the convolutions and ReLU /
+    residual additions fused into them (``nets/fused.py``; exact up to float rounding), then converted to the
+    precision's dtype, channels-last on CPU. ``activation``: ``softmax`` over classes, ``sigmoid`` or ``none``.
+    Outputs are float32. ``slabs``: run a lung decoder's full-resolution group in slabs (``lowmem.py``; identical
+    values, lower peak memory).
     """
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise Med3DError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "amp" if device.type == "cuda" else "fp32"
-    if precision == "amp" and device.type != "cuda":
-        raise Med3DError("precision 'amp' (float16 autocast) needs a CUDA device; use bf16 or fp32 on "
-                         f"{device.type}")
+    precision = resolve_precision(precision, device)
     if activation not in ("softmax", "sigmoid", "none"):
         raise Med3DError(f"unknown activation '{activation}'; choose softmax, sigmoid or none")
     model = model.eval().to(device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if fuse:  # folded in float32 (the weights' own precision), then converted
+        prepare_for_inference(model, device, dtype)
     # Channels-last 3D lets oneDNN run the convolutions without layout copies: 10-30% faster on CPU, same values.
     layout = torch.channels_last_3d if device.type == "cpu" or precision == "bf16" else torch.contiguous_format
     model = model.to(dtype=dtype, memory_format=layout)

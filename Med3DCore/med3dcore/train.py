@@ -60,6 +60,7 @@ from torch import nn
 from .devices import describe_device, resolve_device
 from .errors import Med3DError
 from .progress import Reporter, make_event, null_reporter
+from .safe_io import clean_stale
 from .weights import atomic_save, safe_load
 
 SCHEDULES = ("constant", "poly", "cosine")
@@ -136,9 +137,11 @@ class TrainConfig:
                     if number != int(number):
                         raise ValueError
                     number = int(number)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 kind = "a whole number" if name in ints else "a number"
                 raise Med3DError(f"training config: {name} must be {kind}, got {value!r}") from None
+            if not math.isfinite(number):  # lr=inf would turn every weight into NaN at the first update
+                raise Med3DError(f"training config: {name} must be a finite number, got {value!r}")
             setattr(self, name, number)
 
     @property
@@ -170,6 +173,7 @@ class TrainResult:
     step: int
     history: List[Dict[str, Any]] = field(default_factory=list)
     best: Optional[Dict[str, Any]] = None
+    validations: List[Dict[str, Any]] = field(default_factory=list)  # {"step", metric: value, ...} per validation
 
 
 @dataclass
@@ -235,6 +239,39 @@ def param_groups(model: nn.Module, lr: float, pretrained_lr: Optional[float] = N
     if not groups:
         raise Med3DError("the model has no trainable parameters; unfreeze some layers before training")
     return groups
+
+
+ADAM_KINDS = ("auto", "fused", "foreach", "loop")
+
+
+def make_adam(groups: Sequence[Dict[str, Any]], lr: float, weight_decay: float, kind: str = "auto"
+              ) -> torch.optim.Adam:
+    """Adam in its fastest form this torch build has for the parameters' device: ``fused`` (one kernel over all
+    parameters; on CPU 4-5x faster than the per-parameter loop, Testing/benchmarks/bench_train_step.py), else
+    ``foreach`` (multi-tensor), else ``loop`` (torch's default on CPU). The update is the same up to float
+    rounding. ``kind`` forces one form (benchmarks, tests); ``auto`` tries them in that order."""
+    if kind not in ADAM_KINDS:
+        raise Med3DError(f"unknown Adam form '{kind}'; choose one of: {', '.join(ADAM_KINDS)}")
+    forms = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+    order = ["fused", "foreach", "loop"] if kind == "auto" else [kind]
+    groups = list(groups)
+    for index, name in enumerate(order):
+        try:
+            return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, **forms[name])
+        except (RuntimeError, TypeError, ValueError):  # this build or device lacks the form (e.g. fused on CPU
+            if index == len(order) - 1:               # before torch 2.4): the next one
+                raise
+    raise AssertionError("unreachable")
+
+
+def training_layout(model: nn.Module, device: torch.device) -> bool:
+    """Whether training runs channels-last 3D: on CPU for networks with a full-resolution decoder (segmentation
+    heads that upsample), where oneDNN's channels-last kernels make a step faster; not for classifiers on small
+    cubes, where it measured no gain (Testing/benchmarks/bench_train_step.py)."""
+    from .nets.heads import LungDecoderHead
+
+    head = getattr(model, "head", None)
+    return device.type == "cpu" and isinstance(head, LungDecoderHead)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -321,12 +358,36 @@ def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
-def _nan_error(step: int, loss: float, metrics: Mapping[str, Any], last_path: Path, last_step: int) -> Med3DError:
+def _nan_error(what: str, step: int, metrics: Mapping[str, Any], last_path: Path, last_step: int) -> Med3DError:
+    """The NaN stop, naming the checkpoint to resume from only when one was written (a resume applies a new
+    learning rate: see :func:`_apply_new_rates`)."""
     where = f"step {step}" + (f" (domain '{metrics['domain']}')" if "domain" in metrics else "")
     kept = (f"the last good checkpoint {last_path} (step {last_step}) is kept: resume from it with a lower "
-            "learning rate or gradient clipping" if last_step > 0 else
-            "no checkpoint was written yet; lower the learning rate, set grad_clip, or check the data of that domain")
-    return Med3DError(f"training stopped: the loss became {loss} at {where}; {kept}")
+            "learning rate (med3d pretrain --resume --set lr=..., med3d finetune --resume --lr ...), or for "
+            "pretraining with gradient clipping (--set grad_clip=1)" if last_step > 0 and last_path.is_file() else
+            "no checkpoint was written yet: start again with a lower learning rate or gradient clipping, or check "
+            "the data" + (" of that domain" if "domain" in metrics else ""))
+    return Med3DError(f"training stopped: {what} at {where}; {kept}")
+
+
+def _apply_new_rates(optimizer: torch.optim.Optimizer, scheduler: Any, saved: Mapping[str, Any],
+                     config: TrainConfig) -> Optional[str]:
+    """On resume, learning rates asked for now replace the checkpoint's (the optimiser state would otherwise
+    restore the old ones, and a run stopped by NaN would fail again). Returns a note, or None when unchanged."""
+    if saved.get("lr") == config.lr and saved.get("pretrained_lr") == config.pretrained_lr:
+        return None
+    factor = lr_factor(scheduler.last_epoch, config)
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("name") == "pretrained":
+            base = config.lr if config.pretrained_lr is None else config.pretrained_lr
+        elif group.get("name") == "new":
+            base = config.lr
+        else:  # caller-made groups: scale by the change of the main rate
+            base = scheduler.base_lrs[index] * config.lr / float(saved.get("lr") or config.lr)
+        scheduler.base_lrs[index] = base
+        group["initial_lr"] = base
+        group["lr"] = base * factor
+    return f"learning rate {config.lr:g} (the checkpoint had {saved.get('lr')})"
 
 
 def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any],
@@ -356,18 +417,23 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         except OSError as exc:  # e.g. the output "folder" is an existing file
             raise Med3DError(f"cannot create the output folder {ckpt_dir}: {exc.strerror or exc}; give an --out "
                              "folder that is not a file and that you may write to") from None
-        for stale in ckpt_dir.glob(".*.pt.*.tmp"):  # a write cut short by a kill (the real file is intact)
+        for stale in ckpt_dir.glob(".*.pt.*.tmp"):  # med3dcore 0.1's writes cut short by a kill
             stale.unlink()
+        clean_stale(ckpt_dir)  # staging folders of killed runs (the real files are intact)
+        clean_stale(out)
 
     model.to(device)
+    if training_layout(model, device):
+        model.to(memory_format=torch.channels_last_3d)  # same values; oneDNN's faster kernels (see the function)
     model.train()
     opt_groups = groups if groups is not None else param_groups(model, config.lr, config.pretrained_lr)
-    optimizer = torch.optim.Adam(opt_groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_adam(opt_groups, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     amp_dtype = _amp_dtype(config, device)
     scaler = _make_scaler(amp_dtype == torch.float16)
 
-    start_step, history, best = 0, [], None
+    start_step, history, best, rates_note = 0, [], None, None
+    validations: List[Dict[str, Any]] = []
     if resume:
         if not last_path.is_file():
             raise Med3DError(f"--resume was given but {last_path} does not exist; start without --resume")
@@ -387,12 +453,14 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
             raise Med3DError(f"cannot resume: {last_path} holds a different network (e.g. other domains, classes or "
                              f"depth): {str(exc).splitlines()[0]}; resume with the original config") from None
         scheduler.load_state_dict(ckpt["scheduler"])
+        rates_note = _apply_new_rates(optimizer, scheduler, saved, config)
         scaler.load_state_dict(ckpt["scaler"])
         for name, obj in stateful.items():
             obj.load_state_dict(json.loads(ckpt["stateful"][name]))
         _set_rng_state(ckpt["rng"])
         start_step = int(ckpt["step"])
         history = json.loads(ckpt["history"])
+        validations = json.loads(ckpt.get("validations") or "[]")  # absent in checkpoints of med3dcore 0.1
         best = json.loads(ckpt["best"]) if ckpt.get("best") else None
     elif last_path.exists():
         raise Med3DError(f"{last_path} exists from an earlier run; pass --resume to continue it or choose a new "
@@ -405,16 +473,14 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     def save_last(step: int) -> None:
         nonlocal last_saved_step
         if not _all_finite(model):  # checked on every rank (same weights), so all stop together
-            raise Med3DError(f"training stopped: the weights became NaN/inf at step {step}; the last good "
-                             f"checkpoint {last_path} (step {last_saved_step}) is kept: resume from it with a "
-                             "lower learning rate or gradient clipping")
+            raise _nan_error("the weights became NaN/inf", step, {}, last_path, last_saved_step)
         if not ctx.is_main:
             return
         atomic_save({"format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(),
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "stateful": {n: json.dumps(o.state_dict()) for n, o in stateful.items()},
-                     "rng": _rng_state(), "history": json.dumps(history),
+                     "rng": _rng_state(), "history": json.dumps(history), "validations": json.dumps(validations),
                      "best": json.dumps(best) if best else None}, last_path)
         last_saved_step = step
 
@@ -426,6 +492,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         with torch.no_grad():
             metrics = {k: float(v) for k, v in validate(model).items()}
         model.train()
+        validations.append({"step": step, **metrics})
         reporter(make_event(stage, step, config.total_steps, kind="message", message="validation " + ", ".join(
             f"{k}={v:.4g}" for k, v in metrics.items()), metrics=metrics))
         name = config.best_metric or next(iter(metrics), None)
@@ -443,6 +510,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     if ctx.is_main:
         reporter(make_event(stage, start_step, config.total_steps, kind="message",
                             message=(f"resuming at step {start_step}" if resume else "starting") +
+                            (f" with {rates_note}" if rates_note else "") +
                             f" on {describe_device(device)}" +
                             (f", {ctx.world_size} processes" if ctx.world_size > 1 else "")))
     per_rank = config.batch_size // ctx.world_size
@@ -485,7 +553,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         if ctx.world_size > 1:
             total_loss = _average_grads_and_loss(model, total_loss, ctx.world_size, bn_stats)
         if not math.isfinite(total_loss):
-            raise _nan_error(step, total_loss, text, last_path, last_saved_step)
+            raise _nan_error(f"the loss became {total_loss}", step, text, last_path, last_saved_step)
         if config.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in opt_groups for p in g["params"] if p.grad is not None],
@@ -512,8 +580,32 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     if ctx.world_size > 1:
         import torch.distributed as dist
         dist.barrier()
+    if ctx.is_main:
+        write_training_record(out, history, validations, stage, reporter, config.best_metric)
     return TrainResult(out_dir=out, last_path=last_path, best_path=best_path if best else None,
-                       step=final_step, history=history, best=best)
+                       step=final_step, history=history, best=best, validations=validations)
+
+
+HISTORY_NAME = "history.json"
+CURVE_NAME = "training_curve.png"
+
+
+def write_training_record(out: Path, history: Sequence[Mapping[str, Any]], validations: Sequence[Mapping[str, Any]],
+                          stage: str, reporter: Reporter, metric: Optional[str] = None) -> None:
+    """``out/history.json`` (loss per step, validation metrics, the metric that picks the best checkpoint) and
+    ``out/training_curve.png`` (loss and that metric); a failure to write them is reported, never fatal: the
+    trained weights are saved already."""
+    from .plots import curves_from_history, write_curves
+    from .safe_io import write_text
+
+    try:
+        write_text(out / HISTORY_NAME, json.dumps({"stage": stage, "history": list(history), "metric": metric,
+                                                   "validations": list(validations)}, allow_nan=True),
+                   overwrite=True, what="training history")
+        write_curves(out / CURVE_NAME, {stage: curves_from_history(history, validations, metric)},
+                     title=f"{stage}: {out.name}")
+    except (Med3DError, OSError) as exc:
+        reporter(make_event(stage, kind="message", message=f"could not write the training curve: {exc}"))
 
 
 def _broadcast_model(model: nn.Module) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import re
+import stat
 import sys
 import tempfile
 import zlib
@@ -22,7 +23,11 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from . import limits
+from .dicom_checks import check_series_files
 from .errors import Med3DError
+from .headers import check_header
+from .safe_io import Outputs, file_kind, input_stat, os_reason
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -30,8 +35,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 FILE_FORMATS = {
     ".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage",
 }
-# Formats whose voxels live in a separate file next to the header: written in place, not via a temporary file.
-_DETACHED_SUFFIXES = (".nhdr", ".mhd")
+# Formats whose voxels live in a separate file next to the header, and the data file SimpleITK writes for them
+# (compressed, uncompressed).
+_DETACHED_SUFFIXES = {".nhdr": (".raw.gz", ".raw"), ".mhd": (".zraw", ".raw")}
 _SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
 
 # Integer dtypes Slicer accepts (updateVolumeFromArray rejects int64), smallest first.
@@ -46,6 +52,22 @@ def _vector3(value, name: str) -> Tuple[float, float, float]:
     if len(out) != 3 or not all(np.isfinite(out)):
         raise Med3DError(f"volume {name} must be three finite numbers (I, J, K), got {value!r}")
     return out  # type: ignore[return-value]
+
+
+# Direction cosines from DICOM carry about six decimals; a sheared grid is off by far more.
+_ORTHONORMAL_TOLERANCE = 1e-3
+
+
+def _check_orthonormal(direction: np.ndarray) -> None:
+    """Refuse a sheared or scaled direction matrix: every step of Med3D (reorientation, resampling, the way back
+    to the input's grid) assumes a rotation, and coercing a shear to one puts the anatomy elsewhere."""
+    error = np.abs(direction.T @ direction - np.eye(3)).max()
+    if error > _ORTHONORMAL_TOLERANCE:
+        cosines = np.clip(np.abs(direction.T @ direction)[np.triu_indices(3, 1)], 0.0, 1.0)
+        worst = 90.0 - float(np.degrees(np.arccos(cosines.max())))
+        raise Med3DError(f"the volume's axes are not perpendicular (sheared by {worst:.1f} degrees) or not of unit "
+                         "length; Med3D needs a rectilinear grid and will not guess one: resample the scan onto a "
+                         "regular grid first (e.g. Slicer's Resample Scalar Volume)")
 
 
 @dataclass(eq=False)  # compare grids with same_as(atol): == on arrays is ambiguous
@@ -70,6 +92,7 @@ class Geometry:
             raise Med3DError(f"volume direction must be a 3x3 matrix, got shape {direction.shape}")
         if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
             raise Med3DError("volume direction matrix is singular or not finite; fix the file's header")
+        _check_orthonormal(direction)
         self.direction = direction
 
     def ijk_to_lps(self) -> np.ndarray:
@@ -228,11 +251,26 @@ def list_dicom_series(folder: PathLike) -> List[Tuple[str, str, int]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise Med3DError(f"'{folder}' is not a folder; give the folder that holds the DICOM files")
+    _check_folder_entries(folder)
     series = []
     for uid in _series_ids(folder):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
         series.append((uid, _dicom_description(files[0]) if files else "", len(files)))
     return series
+
+
+def _check_folder_entries(folder: Path) -> None:
+    """GDCM opens every file of a folder to find the series: a FIFO among them would block it forever, a device
+    would be read without end. Refuse such entries (and link loops) before GDCM looks."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise Med3DError(f"cannot list folder '{folder}': {os_reason(exc)}") from None
+    for entry in entries:
+        mode = input_stat(entry.path, "DICOM folder entry").st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise Med3DError(f"folder '{folder}' holds '{entry.name}', which is {file_kind(mode)}; Med3D reads only "
+                             "regular files: remove it from the DICOM folder")
 
 
 def _read_dicom_folder(folder: Path, series_uid: Optional[str]) -> sitk.Image:
@@ -253,7 +291,9 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str]) -> sitk.Image:
         hint = "; leave out the series UID to read the only one" if len(series) == 1 else ""
         raise Med3DError(f"DICOM series '{series_uid}' is not in folder '{folder}'; series there: {known}{hint}")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    check_series_files(files, folder)
+    reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # slice positions, to check the spacing below
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # uneven slices are reported as an error below
@@ -309,6 +349,11 @@ def _check_nifti_complete(path: Path) -> None:
     except Exception as exc:  # nibabel raises several types for damaged headers
         raise Med3DError(f"cannot read '{path}' as NIfTI: the file is damaged, truncated or not a NIfTI image "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    limits.voxels(image.header.get_data_shape()[::-1], f"'{path}'")
+    _check_nifti_sform(image.header)
+    if path.name.lower().endswith(".gz") and needed > limits.GZIP_MAX_RATIO * max(path.stat().st_size, 1):
+        raise Med3DError(f"'{path}' cannot hold what its header promises ({needed} bytes from "
+                         f"{path.stat().st_size} compressed bytes); the file is damaged or not a real scan")
     if path.name.lower().endswith(".gz") and _gzip_trailer_size(path) == needed % (1 << 32):
         return  # the trailer of a complete gzip file records its size; a cut file ends in arbitrary bytes
     if path.name.lower().endswith(".gz"):
@@ -320,6 +365,43 @@ def _check_nifti_complete(path: Path) -> None:
         raise Med3DError(f"'{path}' is truncated or damaged (the NIfTI header promises {needed} bytes, the file "
                          f"holds {available}{'' if complete else ' and its compressed stream ends early'}); "
                          "copy or export the file again")
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """ITK reads NaN voxels of a NIfTI file as 0 without a word, which turns a broken scan into a plausible one;
+    read the stored values of a float file once, as a stream in 16 MiB pieces, and refuse non-finite ones."""
+    image = nib.load(str(path))
+    dtype = image.header.get_data_dtype()
+    if dtype.kind != "f":
+        return
+    remaining = int(np.prod(image.header.get_data_shape())) * dtype.itemsize
+    try:
+        with nib.openers.ImageOpener(str(path)) as stream:
+            stream.seek(int(image.dataobj.offset))
+            while remaining > 0:
+                piece = stream.read(min(remaining, 1 << 24))
+                if not piece:
+                    break
+                piece = piece[: len(piece) - len(piece) % dtype.itemsize]
+                if not np.isfinite(np.frombuffer(piece, dtype=dtype)).all():
+                    raise Med3DError(f"'{path}' holds NaN or infinite voxels (nothing computed from them would mean "
+                                     "anything); fix or re-export the scan")
+                remaining -= len(piece)
+    except (OSError, ValueError, EOFError, zlib.error) as exc:
+        raise Med3DError(f"cannot read '{path}' as NIfTI: the file is damaged or truncated ({exc})") from None
+
+
+def _check_nifti_sform(header) -> None:
+    """A sheared sform: ITK would quietly take the (rotation-only) qform or an orthogonalised matrix instead, which
+    turns the anatomy; refuse it like any other non-rectilinear grid."""
+    sform, code = header.get_sform(coded=True)
+    if sform is None or not code:
+        return
+    matrix = np.asarray(sform, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(matrix)) or norms.min() <= 0:
+        raise Med3DError("the NIfTI header's sform matrix is singular or not finite; fix the file's header")
+    _check_orthonormal(matrix / norms)
 
 
 def _gzip_stream_size(path: Path) -> Tuple[int, bool]:
@@ -410,9 +492,13 @@ def _snap_direction(direction: np.ndarray) -> np.ndarray:
 
 
 def _existing(path: PathLike) -> Path:
+    """The input path, looked at with os.stat before anything opens it: a FIFO or a device would block a reader
+    or never end, a link loop is not a file."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise Med3DError(f"'{path}' does not exist; check the path")
+    mode = input_stat(path, "input").st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise Med3DError(f"'{path}' is {file_kind(mode)}, not a volume file or a DICOM folder; give "
+                         f"{_SUPPORTED}")
     return path
 
 
@@ -428,6 +514,9 @@ def read_volume(path: PathLike, series_uid: Optional[str] = None) -> Volume:
         suffix = _checked_file(path)
         if FILE_FORMATS[suffix] == "NIfTI":
             _check_nifti_complete(path)
+            _check_nifti_finite(path)
+        else:
+            check_header(path, FILE_FORMATS[suffix])
         printed: List[str] = []
         try:
             with _library_stderr(printed):
@@ -451,6 +540,8 @@ def read_geometry(path: PathLike, series_uid: Optional[str] = None) -> Geometry:
     if path.is_dir():
         return read_volume(path, series_uid).geometry
     suffix = _checked_file(path)
+    if FILE_FORMATS[suffix] != "NIfTI":
+        check_header(path, FILE_FORMATS[suffix])
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -470,43 +561,47 @@ def read_geometry(path: PathLike, series_uid: Optional[str] = None) -> Geometry:
 def write_volume(volume: Volume, path: PathLike, overwrite: bool = False, compress: bool = True) -> Path:
     """Write ``volume`` (voxels, dtype and geometry) to a NIfTI/NRRD/MetaImage file; returns the path.
 
-    An existing file is replaced only with ``overwrite=True``; single-file formats are written to a temporary
-    file first and renamed, so a failure never leaves a half-written file in place of a good one.
+    Written through the one write path (:mod:`med3dcore.safe_io`): staged next to the target, read back and
+    compared, then moved into place; an existing file (or the data file of a detached ``.nhdr``/``.mhd``) is
+    replaced only with ``overwrite=True``, and a symbolic link is never written through.
     """
+    with Outputs(overwrite) as outputs:
+        path = stage_volume(outputs, volume, path, compress)
+    return path
+
+
+def volume_outputs(path: PathLike, compress: bool = True) -> Tuple[Path, Tuple[str, ...]]:
+    """The checked output path and the names of the data files written next to it (detached formats)."""
     path = Path(path).expanduser()
     suffix = _suffix(path)
     if suffix not in FILE_FORMATS:
         raise Med3DError(f"cannot write '{path.name}': choose a file name ending in "
                          f"{', '.join(FILE_FORMATS)}")
-    if not path.parent.is_dir():
-        raise Med3DError(f"cannot write '{path}': folder '{path.parent}' does not exist; create it first")
-    if path.is_dir():
-        raise Med3DError(f"cannot write '{path}': it is a folder")
-    if path.exists() and not overwrite:
-        raise Med3DError(f"'{path}' already exists; choose another name or allow overwriting (--overwrite)")
-    image = volume.to_sitk()
     if suffix in _DETACHED_SUFFIXES:
-        _write(image, path, compress)
-        return path
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
-    os.close(handle)
-    try:
-        umask = os.umask(0)  # mkstemp makes the file owner-only (0600): give it a plain file's permissions
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        _write(image, Path(tmp_name), compress)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+        data = _DETACHED_SUFFIXES[suffix][0 if compress else 1]
+        return path, (path.name[: -len(suffix)] + data,)
+    return path, ()
+
+
+def stage_volume(outputs: Outputs, volume: Volume, path: PathLike, compress: bool = True) -> Path:
+    """Stage ``volume`` as ``path`` in ``outputs`` (published with the other outputs of the same run)."""
+    path, companions = volume_outputs(path, compress)
+    image = volume.to_sitk()
+
+    def write(staged: Path) -> None:
+        try:
+            sitk.WriteImage(image, str(staged), compress)
+        except RuntimeError as exc:
+            raise Med3DError(f"cannot write '{path}': {_first_line(exc)}") from None
+
+    def verify(staged: Path) -> None:  # SimpleITK may not report a write that failed on a full disk
+        back = sitk.ReadImage(str(staged))
+        if not (back.GetSize() == image.GetSize() and back.GetPixelID() == image.GetPixelID() and
+                np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))):
+            raise Med3DError("the file read back differs from the volume")
+
+    outputs.stage(path, write, companions=companions, verify=verify, what="output")
     return path
-
-
-def _write(image: sitk.Image, path: Path, compress: bool) -> None:
-    try:
-        sitk.WriteImage(image, str(path), compress)
-    except RuntimeError as exc:
-        raise Med3DError(f"cannot write '{path}': {_first_line(exc)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------- label maps

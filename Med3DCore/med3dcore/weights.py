@@ -14,26 +14,22 @@ is written through :func:`atomic_save`, so a crash never leaves a half-written f
 from __future__ import annotations
 
 import datetime
-import hashlib
-import http.client
 import os
 import pickletools
 import re
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, limits
+from .bundle_checks import CHECKSUM_KEY, check_bundle, content_digest
 from .errors import Med3DError
+from .safe_io import regular_file, write_atomically
 from .nets.heads import HEADS
 from .nets.model import Med3DNet, build_model
 from .nets.resnet import DEPTHS, ResNet3D
@@ -45,11 +41,11 @@ BUNDLE_VERSION = 1
 BUNDLE_KEYS = ("architecture", "task", "labels", "preprocessing", "provenance", "state_dict")
 TASK_TYPES = ("segmentation", "classification", "encoder")
 MODEL_SUFFIXES = (".pt", ".pth", ".ckpt")
+TRAINING_FORMAT = "med3d-train-checkpoint"  # as train.CHECKPOINT_FORMAT (+ "-best" for best.pt)
 
 _PREFIXES = ("module.", "encoder.")
 _BACKBONE_ROOTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "final_bn")
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,10 +83,8 @@ def safe_load(path: PathLike, mmap: bool = False) -> Any:
     (fast look at the metadata of big files).
     """
     path = Path(path)
-    if not path.exists():
-        raise Med3DError(f"checkpoint file {path} does not exist; check the path")
-    if not path.is_file():
-        raise Med3DError(f"{path} is a folder, not a checkpoint file; give the .pth/.pt file inside it")
+    # os.stat first: a FIFO would block the read, /dev/zero would never end, neither is "a folder".
+    regular_file(path, "checkpoint file", folder_hint="give the .pth/.pt file inside it")
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -103,6 +97,8 @@ def safe_load(path: PathLike, mmap: bool = False) -> Any:
     if looks_like:
         raise Med3DError(f"{path} is not a PyTorch checkpoint (it looks like {looks_like}); give a .pth/.pt file "
                          f"saved with torch.save, e.g. a MedicalNet release or a Med3D model")
+    if head.startswith(b"PK"):
+        limits.check_torch_archive(path)  # a zip bomb is refused from its directory, before anything is unpacked
     kwargs: Dict[str, Any] = {"map_location": "cpu", "weights_only": True}
     if mmap and head.startswith(b"PK"):
         kwargs["mmap"] = True
@@ -174,62 +170,29 @@ def _load_failure(path: Path, head: bytes, exc: Exception) -> str:
     return f"cannot read {path} as a PyTorch checkpoint: {type(exc).__name__}: {_first_line(text)}"
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, flush, fsync, then rename over ``path``.
+def atomic_save(obj: Any, path: PathLike, overwrite: bool = True, what: str = "checkpoint") -> Path:
+    """``torch.save`` through the one write path (:mod:`med3dcore.safe_io`): staged in the same folder, flushed,
+    checked to read back as a complete archive, then moved into place.
 
-    A failure at any point leaves an existing file at ``path`` untouched and no temporary file behind. This
-    function replaces an existing file: callers decide beforehand whether that is allowed.
+    A failure at any point (a full disk, Ctrl-C) leaves an existing file at ``path`` untouched and nothing
+    temporary behind. ``overwrite=False`` publishes only if ``path`` does not exist, even if another process
+    creates it meanwhile; a symbolic link at ``path`` is never written through.
     """
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise Med3DError(f"cannot save {path}: folder {folder} does not exist; create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
-    try:
-        _default_mode(tmp_name)
-        with os.fdopen(fd, "wb") as fh:
+    def write(staged: Path) -> None:
+        with open(staged, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise Med3DError(f"cannot save {path}: {exc.strerror or exc}; check free disk space and "
-                             f"permissions") from None
-        raise
-    _fsync_folder(folder)
-    return path
 
+    def verify(staged: Path) -> None:
+        with zipfile.ZipFile(str(staged)) as archive:  # the directory sits at the end: a cut file has none
+            if not archive.namelist():
+                raise Med3DError("the written archive is empty")
 
-def _default_mode(name: str) -> None:
-    """Give a temporary file the permissions a plainly created file would get (mkstemp makes it owner-only, 0600,
-    so a model saved into a shared folder would be unreadable to colleagues and to Slicer run by another user)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
-
-
-def _fsync_folder(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; folders cannot be opened this way on Windows.
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_atomically(path, write, overwrite=overwrite, verify=verify, what=what)
 
 
 def _refuse_overwrite(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise Med3DError(f"{path} already exists; choose another name or allow overwriting (--overwrite)")
+        raise Med3DError(f"{path} already exists; choose another name or allow overwriting (--overwrite; overwrite=True from Python)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,11 +289,18 @@ class LoadReport:
     loaded: List[str]
     left: List[str]
 
+    def __repr__(self) -> str:  # the full lists run to hundreds of names: say how many, name the few left
+        left = ", ".join(self.left[:4]) + (f", ... ({len(self.left) - 4} more)" if len(self.left) > 4 else "")
+        return f"LoadReport(loaded={len(self.loaded)} tensors, left={len(self.left)}" + \
+            (f": {left})" if self.left else ")")
+
 
 def _file_weights(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
     """The tensors of any accepted file kind, keys as stored."""
     if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
         sd = obj.get("state_dict")
+    elif isinstance(obj, dict) and str(obj.get("format", "")).startswith(TRAINING_FORMAT):
+        sd = obj.get("model")  # a run's checkpoints/last.pt or best.pt
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         sd = obj["state_dict"]
     else:
@@ -405,7 +375,7 @@ def export_medicalnet(encoder_or_model: nn.Module, path: PathLike, overwrite: bo
     _refuse_overwrite(path, overwrite)
     state = {f"module.{k}": v.detach().cpu().clone() for k, v in net.state_dict().items()
              if not k.startswith("conv_seg.")}
-    return atomic_save({"state_dict": state}, path)
+    return atomic_save({"state_dict": state}, path, overwrite=overwrite, what="MedicalNet export")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,19 +418,9 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def _check_labels(labels: Any) -> List[Dict[str, Any]]:
-    if not isinstance(labels, (list, tuple)):
-        raise Med3DError(f"labels must be a list of {{'value': int, 'name': str}}, got {type(labels).__name__}")
-    seen = set()
-    for item in labels:
-        if not isinstance(item, Mapping) or not isinstance(item.get("value"), int) or not item.get("name"):
-            raise Med3DError(f"label {item!r} needs an integer 'value' and a 'name'")
-        if item["value"] in seen:
-            raise Med3DError(f"label value {item['value']} is used twice; give each label its own value")
-        seen.add(item["value"])
-        color = item.get("color")
-        if color is not None and (len(color) != 3 or not all(0 <= int(c) <= 255 for c in color)):
-            raise Med3DError(f"label '{item['name']}' has colour {color!r}; give three values 0-255")
-    return [dict(item) for item in labels]
+    from .bundle_checks import check_labels
+
+    return check_labels(labels, "the model")
 
 
 def _check_against_architecture(architecture: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
@@ -523,10 +483,15 @@ def save_bundle(path: PathLike, model: Union[nn.Module, Mapping[str, torch.Tenso
         "preprocessing": _plain(preprocessing, "preprocessing") or {}, "provenance": prov,
         "state_dict": state, "extra": _plain(extra or {}, "extra"),
     }
-    return atomic_save(bundle, path)
+    check_bundle(bundle, str(path))  # never write a bundle that loading would refuse
+    bundle[CHECKSUM_KEY] = content_digest(bundle)  # verified by load_bundle: bytes changed later are refused
+    return atomic_save(bundle, path, overwrite=overwrite, what="model")
 
 
 def _not_a_bundle(obj: Any, path: Path) -> str:
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith(TRAINING_FORMAT):
+        return (f"{path} is a training checkpoint (for --resume), not a Med3D model: use the model the run wrote, "
+                f"OUT/NAME.pt beside the run folder")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return (f"{path} is a MedicalNet backbone file, not a Med3D model: fine-tune it first with "
                 f"med3d finetune --init {path}")
@@ -550,8 +515,7 @@ def _bundle_from(obj: Any, path: Path) -> Bundle:
     missing = [k for k in BUNDLE_KEYS if k not in obj]
     if missing:
         raise Med3DError(f"{path} lacks {', '.join(missing)}; the file is damaged or was not written by med3dcore")
-    if not isinstance(obj["state_dict"], dict) or not obj["state_dict"]:
-        raise Med3DError(f"{path} holds no weights; the file is damaged")
+    check_bundle(obj, str(path))  # types, sizes within limits, checksum
     return Bundle(architecture=obj["architecture"], task=obj["task"], labels=list(obj["labels"]),
                   preprocessing=obj["preprocessing"], provenance=obj["provenance"], state_dict=obj["state_dict"],
                   extra=obj.get("extra") or {}, path=path)
@@ -565,7 +529,10 @@ def load_bundle(path: PathLike) -> Bundle:
 
 def model_from_bundle(bundle: Bundle) -> Med3DNet:
     """The bundle's network with its weights loaded strictly, in eval mode, on the CPU."""
-    model = build_model(bundle.architecture)
+    try:
+        model = build_model(bundle.architecture)
+    except (TypeError, ValueError) as exc:  # load_bundle checks the description; a hand-made Bundle may not be
+        raise Med3DError(f"{bundle.path or 'the bundle'}: its architecture cannot be built ({exc})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = {k: tuple(v.shape) for k, v in bundle.state_dict.items()}
     where = bundle.path or "the bundle"
@@ -597,7 +564,16 @@ def _describe(obj: Any, path: Path) -> Dict[str, Any]:
     else:
         state = _file_weights(obj, path)
         bundle = None
-        info["format"] = "medicalnet" if isinstance(obj, dict) and "state_dict" in obj else "state_dict"
+        training = isinstance(obj, dict) and str(obj.get("format", "")).startswith(TRAINING_FORMAT)
+        info["format"] = "training-checkpoint" if training else \
+            "medicalnet" if isinstance(obj, dict) and "state_dict" in obj else "state_dict"
+        if training:
+            config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+            info["step"] = obj.get("step")
+            info["total_steps"] = config.get("steps")
+            info["best"] = obj.get("format") != TRAINING_FORMAT
+            metrics = obj.get("metrics") if info["best"] else _json_field(obj.get("best"), {}).get("metrics")
+            info["metrics"] = metrics if isinstance(metrics, dict) else {}
     backbone = backbone_state(state)
     info.update(detect_architecture(backbone))
     info["backbone_parameters"] = count_parameters(backbone)
@@ -609,15 +585,29 @@ def _describe(obj: Any, path: Path) -> Dict[str, Any]:
         info["labels"] = bundle.labels
         info["created"] = bundle.provenance.get("created")
         info["med3dcore"] = bundle.provenance.get("med3dcore")
+        info["checksum"] = "verified" if CHECKSUM_KEY in obj else "none (saved before checksums)"
+        info["provenance"] = {k: v for k, v in bundle.provenance.items() if k not in ("created", "med3dcore")}
     return info
+
+
+def _json_field(value: Any, default: Any) -> Any:
+    """A checkpoint's JSON-encoded field (training checkpoints store history and best as JSON text)."""
+    import json
+
+    try:
+        return json.loads(value) if isinstance(value, str) else default
+    except ValueError:
+        return default
 
 
 def inspect_file(path: PathLike) -> Dict[str, Any]:
     """Describe a checkpoint of any accepted kind (JSON-serialisable).
 
-    Keys: ``path``, ``format`` (``medicalnet`` | ``med3d-bundle`` | ``state_dict``), ``depth``, ``shortcut_type``,
-    ``preact``, ``backbone_parameters``, ``total_parameters`` (learnable elements), ``tensors``; bundles add
-    ``format_version``, ``head``, ``task``, ``labels``, ``created`` and ``med3dcore``.
+    Keys: ``path``, ``format`` (``medicalnet`` | ``med3d-bundle`` | ``training-checkpoint`` | ``state_dict``),
+    ``depth``, ``shortcut_type``, ``preact``, ``backbone_parameters``, ``total_parameters`` (learnable elements),
+    ``tensors``; bundles add ``format_version``, ``head``, ``task``, ``labels``, ``created``, ``med3dcore`` and
+    ``provenance`` (data, init, steps, metrics ...); a run's ``checkpoints/last.pt``/``best.pt`` add ``step``,
+    ``total_steps``, ``best`` and the validation ``metrics``.
     """
     path = Path(path)
     return _describe(safe_load(path, mmap=True), path)
@@ -634,10 +624,7 @@ class ModelInfo:
     error: Optional[str] = None
 
 
-def models_dir() -> Path:
-    """Where models live: ``$MED3D_MODELS``, else ``~/.med3d/models`` (not created here)."""
-    env = os.environ.get("MED3D_MODELS")
-    return Path(env).expanduser() if env else Path.home() / ".med3d" / "models"
+from .catalog import models_dir  # noqa: E402 (torch-free, for the Slicer module and the CLI)
 
 
 def list_models(folder: Optional[PathLike] = None) -> List[ModelInfo]:
@@ -658,81 +645,7 @@ def list_models(folder: Optional[PathLike] = None) -> List[ModelInfo]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Downloads
+# Downloads: one implementation, in downloads.py (no torch there, so the Slicer module and the CLI's start-up
+# can use it); re-exported here for the public API.
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download_weights(url: str, dest: PathLike, sha256: Optional[str] = None,
-                     reporter: Optional[Callable[[Dict[str, Any]], None]] = None, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` (streamed to a temporary file, checked, then renamed into place).
-
-    An existing ``dest`` whose checksum matches ``sha256`` (or any existing ``dest`` when no checksum is given) is
-    kept and returned without a download; one that does not match is an error, never silently replaced.
-    Progress events have stage ``download`` with ``step``/``total`` in bytes.
-    """
-    from .progress import make_event
-
-    dest = Path(dest)
-    expected = sha256.strip().lower() if sha256 else None
-    if expected is not None and not re.fullmatch(r"[0-9a-f]{64}", expected):
-        raise Med3DError(f"sha256 {sha256!r} is not a SHA-256 checksum (64 hexadecimal digits)")
-    if dest.exists():
-        if expected is None or _sha256(dest) == expected:
-            return dest
-        raise Med3DError(f"{dest} already exists with a different checksum than expected; delete it to download "
-                         f"it again")
-    scheme = urllib.parse.urlparse(url).scheme.lower()
-    if scheme not in ("http", "https", "file"):
-        raise Med3DError(f"cannot download {url!r}: give an http(s):// or file:// address")
-    if not dest.parent.is_dir():
-        raise Med3DError(f"cannot download to {dest}: folder {dest.parent} does not exist; create it first")
-    hint = f"or download it by hand and place it at {dest}"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=str(dest.parent))
-    digest = hashlib.sha256()
-    try:
-        _default_mode(tmp_name)
-        with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(url, timeout=timeout)
-            except urllib.error.HTTPError as exc:
-                raise Med3DError(f"download of {url} failed: HTTP {exc.code} {exc.reason}; check the address "
-                                 f"{hint}") from None
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                raise Med3DError(f"cannot reach {url} ({reason}); check the network connection {hint}") from None
-            with response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                done = 0
-                try:
-                    for chunk in iter(lambda: response.read(_CHUNK), b""):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        done += len(chunk)
-                        if reporter is not None:
-                            reporter(make_event("download", done, total, message=dest.name))
-                except (OSError, http.client.HTTPException) as exc:
-                    raise Med3DError(f"download of {url} broke off after {done} bytes ({exc}); try again "
-                                     f"{hint}") from None
-            if total is not None and done != total:
-                raise Med3DError(f"download of {url} is incomplete ({done} of {total} bytes); try again {hint}")
-            out.flush()
-            os.fsync(out.fileno())
-        got = digest.hexdigest()
-        if expected is not None and got != expected:
-            raise Med3DError(f"checksum mismatch for {url}: expected sha256 {expected}, got {got}; the download is "
-                             f"damaged or the file changed, try again {hint}")
-        os.replace(tmp_name, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    return dest
+from .downloads import download_weights, sha256_of  # noqa: E402,F401

@@ -26,6 +26,7 @@ REQUIREMENTS = (
     Requirement("skimage", "scikit-image>=0.19"),
     Requirement("scipy", "scipy>=1.7"),      # the engine imports it directly (it also comes with scikit-image)
     Requirement("PIL", "Pillow>=8.0"),
+    Requirement("tqdm", "tqdm>=4.60"),       # the engine's terminal progress bars (small, pure Python)
 )
 
 
@@ -75,8 +76,9 @@ class InstallPlan(NamedTuple):
         """The text of the confirmation dialog, listing what will be installed and how."""
         lines = ["Med3D needs Python packages that are not installed yet:"]
         if self.torch:
-            lines.append("- PyTorch, installed by the PyTorch extension (it picks the build for your GPU)"
-                         if self.pytorch_extension else
+            # PyTorchUtilsLogic.installTorch installs torchvision along with torch (SlicerPyTorch).
+            lines.append("- PyTorch and torchvision, installed by the PyTorch extension (it picks the build for "
+                         "your GPU; a large download)" if self.pytorch_extension else
                          "- PyTorch: install the 'PyTorch' extension from the Extensions Manager first")
         if self.pip:
             lines.append("- " + ", ".join(self.pip) + " (from pip)")

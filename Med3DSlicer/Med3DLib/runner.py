@@ -13,11 +13,51 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Deque, Dict, List, Optional, Sequence
+from typing import Any, Deque, Dict, List, Optional, Sequence
 
 from med3dcore.errors import Med3DError
 
 STDERR_TAIL_LINES = 40
+
+
+# Windows process-creation flags (winbase.h); named here because ``subprocess`` has them on Windows only.
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
+
+
+def popen_options(platform: str) -> Dict[str, Any]:
+    """``subprocess.Popen`` options for a background child on ``platform`` (``sys.platform``).
+
+    POSIX: a new session, so Cancel can signal the whole process group. Windows: a new process group (for
+    ``taskkill /T``) and no console window: a console program started from Slicer (a GUI program) otherwise
+    opens a console window that stays up for the whole run and kills the run when closed. Slicer's own
+    ``launchConsoleProcess`` hides it with a STARTUPINFO; ``CREATE_NO_WINDOW`` also makes sure none is made.
+    """
+    if platform != "win32":
+        return {"start_new_session": True}
+    options: Dict[str, Any] = {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    startupinfo_class = getattr(subprocess, "STARTUPINFO", None)  # exists on Windows only
+    if startupinfo_class is not None:
+        info = startupinfo_class()
+        info.dwFlags |= STARTF_USESHOWWINDOW
+        info.wShowWindow = SW_HIDE
+        options["startupinfo"] = info
+    return options
+
+
+def kill_tree_command(pid: int) -> List[str]:
+    """Windows: end ``pid`` and all its children (``/T``), forcibly (``/F``: console programs ignore a polite
+    close)."""
+    return ["taskkill", "/F", "/T", "/PID", str(int(pid))]
+
+
+def python_executable() -> str:
+    """The Python that runs the engine: Slicer's ``PythonSlicer`` (same packages as Slicer), else this one."""
+    import shutil
+
+    return shutil.which("PythonSlicer") or sys.executable
 
 
 def engine_environment(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -62,14 +102,11 @@ class BackgroundProcess:
     def start(self) -> "BackgroundProcess":
         if self.process is not None:
             raise Med3DError("this process was already started; create a new one to run again")
-        if sys.platform == "win32":
-            group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
-        else:
-            group = {"start_new_session": True}
         try:
             self.process = subprocess.Popen(
                 self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **group)
+                env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1,
+                **popen_options(sys.platform))
         except OSError as exc:
             raise Med3DError(f"could not start '{self.command[0]}': {exc}; check that the program exists "
                              "(in Slicer: PythonSlicer next to the Slicer executable)") from None
@@ -127,9 +164,9 @@ class BackgroundProcess:
             return
         self.cancelled = True
         if sys.platform == "win32":
-            # taskkill /T walks the tree; /F because console programs ignore a polite close.
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(kill_tree_command(self.process.pid), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, check=False,
+                           **popen_options(sys.platform))
         else:
             pgid = self.process.pid  # start_new_session made the child its group's leader
             self._signal_group(pgid, signal.SIGTERM)
@@ -140,6 +177,8 @@ class BackgroundProcess:
             # Also kill what is left of the group (children that ignored SIGTERM or outlived the parent).
             self._signal_group(pgid, signal.SIGKILL)
         self.process.wait()
+        for thread in self._threads:  # the pipes close with the tree; let the readers see the end
+            thread.join(grace)
 
     @staticmethod
     def _signal_group(pgid: int, sig: int) -> None:

@@ -71,7 +71,29 @@ def test_mask_and_text_output(capsys, data_dir, nodule_model):
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0].startswith("benign: ") and lines[1].startswith("malignant: ")
-    assert lines[-1].split(": ")[1] in ("benign", "malignant")
+    assert lines[2].startswith("nodule: ") and "mm equivalent-sphere diameter" in lines[2]
+    assert lines[-2].startswith("box shown") and lines[-1].split(": ")[1] in ("benign", "malignant")
+
+
+def test_mask_reports_size_and_the_box_shown_gives_the_same_answer(capsys, data_dir, chest, nodule_model):
+    """The JSON carries the nodule's measured size; the box it reports, given back as --roi, is the input the
+    network saw, so the probabilities do not move (they did when the bare mask box was reported)."""
+    ct, lesion, _ = chest
+    scan = str(data_dir / "ct/chest_ct.nrrd")
+    code, out, _ = _run(capsys, ["classify", scan, "--model", str(nodule_model), "--mask",
+                                 str(data_dir / "ct/chest_ct_lesion.nrrd"), "--json", "--device", "cpu"])
+    assert code == 0
+    by_mask = json.loads(out)
+    voxels = int(np.count_nonzero(lesion.array))
+    assert by_mask["volume_ml"] == pytest.approx(voxels * float(np.prod(ct.spacing)) / 1000.0)
+    assert by_mask["diameter_mm"] == pytest.approx((6000.0 * by_mask["volume_ml"] / np.pi) ** (1 / 3))
+    roi = ",".join(repr(v) for v in by_mask["roi_center_lps"] + by_mask["roi_size_mm"])
+    code, out, _ = _run(capsys, ["classify", scan, "--model", str(nodule_model), f"--roi={roi}", "--json",
+                                 "--device", "cpu"])
+    by_roi = json.loads(out)
+    assert code == 0 and by_roi["diameter_mm"] is None and by_roi["volume_ml"] is None
+    assert by_roi["probabilities"]["malignant"] == pytest.approx(by_mask["probabilities"]["malignant"], abs=1e-6)
+    assert by_roi["roi_size_mm"] == pytest.approx(by_mask["roi_size_mm"])
 
 
 def test_roi_outside_the_scan(capsys, data_dir, nodule_model):

@@ -43,8 +43,10 @@ def test_grouped_split_never_splits_a_patient():
 def test_grouped_split_needs_two_patients():
     with pytest.raises(Med3DError, match="at least two patients"):
         grouped_split(["a", "a", "a"], 0.2)
-    with pytest.raises(Med3DError, match="between 0 and 1"):
+    with pytest.raises(Med3DError, match="above 0 and below 1"):
         grouped_split(["a", "b"], 1.5)
+    with pytest.raises(Med3DError, match="0 \\(no validation\\) cannot make a train/validation split.*such as 0.2"):
+        grouped_split(["a", "b"], 0.0)
 
 
 def test_grouped_folds_partition_by_patient_and_balance_strata():

@@ -15,7 +15,7 @@ import torch
 from med3dcore import infer
 from med3dcore.errors import Med3DError
 from med3dcore.nets import build_model
-from med3dcore.nodules import mask_box
+from med3dcore.nodules import NoduleInputSpec, mask_box, scan_box
 from med3dcore.phantoms import make_ct_phantom, make_mr_phantom
 from med3dcore.preprocess import PreprocessSpec
 from med3dcore.volume import Volume
@@ -165,7 +165,8 @@ def test_lung_clean_up_keeps_two_components(tmp_path, phantom, monkeypatch):
     probs[:, 2:10, 2:10, 2:10] = [[[[0.0]]], [[[1.0]]]]
     probs[:, 12:20, 20:28, 2:10] = [[[[0.0]]], [[[1.0]]]]
     probs[:, 20:22, 30:32, 30:32] = [[[[0.0]]], [[[1.0]]]]
-    monkeypatch.setattr(infer, "_probabilities", lambda *a, **k: probs.copy())
+    classes = np.argmax(probs, axis=0).astype(np.uint8)
+    monkeypatch.setattr(infer, "_classes", lambda *a, **k: (classes.copy(), 2))
     labels = infer.segment(image, segmentation_bundle(tmp_path / "l.pt"), device="cpu").labels.array
     assert labels.sum() == 2 * 512 and labels[21, 31, 31] == 0
     labels = infer.segment(image, tmp_path / "l.pt", device="cpu", keep_largest=False).labels.array
@@ -189,7 +190,7 @@ def test_two_stage_crops_with_margin_and_pastes_back(tmp_path, phantom, monkeypa
     image, _ = phantom  # spacing (2.5, 2.0, 4.0) mm (I, J, K)
     seen = {}
 
-    def fake_probabilities(volume, net, spec, device, opts, reporter, stage, input_size=None):
+    def fake_classes(volume, net, spec, device, opts, reporter, stage, input_size=None):
         seen[stage] = volume
         probs = np.zeros((3 if stage == "fine" else 2,) + volume.shape, dtype=np.float32)
         if stage == "coarse":
@@ -199,9 +200,9 @@ def test_two_stage_crops_with_margin_and_pastes_back(tmp_path, phantom, monkeypa
             probs[1, 1, 1, 1], probs[0, 1, 1, 1] = 1.0, 0.0  # a stray voxel: not the largest component
         else:
             probs[1] = 1.0  # everything inside the crop is liver
-        return probs
+        return np.argmax(probs, axis=0).astype(np.uint8), probs.shape[0]
 
-    monkeypatch.setattr(infer, "_probabilities", fake_probabilities)
+    monkeypatch.setattr(infer, "_classes", fake_classes)
     result = infer.segment(image, _liver_bundle(tmp_path, margin_mm=6.0), task="liver", device="cpu")
     crop = seen["fine"]
     # Margin 6 mm: 2 voxels in K (4 mm; ceil(1.5)), 3 in J (2 mm), 3 in I (2.5 mm; ceil(2.4)).
@@ -243,19 +244,31 @@ def ct_with_nodule():
 def test_classify_roi_mask_and_whole_crop(models, ct_with_nodule):
     image, labels = ct_with_nodule
     nodule = labels.with_array((labels.array == 5).astype(np.uint8))
-    centre_lps, low, high = mask_box(image, nodule)
-    centre, size = tuple(float(v) for v in centre_lps), tuple(float(v) for v in high - low)
+    spec = NoduleInputSpec.from_dict(load_bundle(models["nodule"]).extra["nodule_input"])
+    reach = spec.cube * spec.spacing_mm  # the cube's side in mm
+    scan_low, scan_high = scan_box(image)
+    _, low, high = mask_box(image, nodule, spec.context_mm)
+    low, high = np.maximum(low, scan_low), np.minimum(high, scan_high)
     by_mask = infer.classify(image, models["nodule"], mask=nodule, device="cpu")
     assert set(by_mask.probabilities) == {"benign", "malignant"}
     assert sum(by_mask.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert by_mask.predicted == max(by_mask.probabilities, key=by_mask.probabilities.get)
-    kji = np.argwhere(nodule.array > 0).mean(axis=0)
-    assert np.allclose(by_mask.roi_center_lps, image.ijk_to_lps()[:3] @ np.append(kji[::-1], 1.0))
-    assert by_mask.roi_size_mm == size and min(size) >= 1.5
+    # The reported box is the one shown: the mask's box plus the context margin, within the scan and the cube.
+    assert np.allclose(by_mask.roi_center_lps, (low + high) / 2.0)
+    assert np.allclose(by_mask.roi_size_mm, np.minimum(high - low, reach))
+    # Its measured size: the phantom's malignant nodule is a 20 mm ball drawn on a 1.5 mm grid.
+    voxels = int(nodule.array.sum())
+    assert by_mask.volume_ml == pytest.approx(voxels * 1.5 ** 3 / 1000.0)
+    assert by_mask.diameter_mm == pytest.approx((6 * voxels * 1.5 ** 3 / np.pi) ** (1 / 3))
+    # Given back as an ROI, the reported box gives the same answer.
+    again = infer.classify(image, models["nodule"], roi=(by_mask.roi_center_lps, by_mask.roi_size_mm), device="cpu")
+    assert again.probabilities == pytest.approx(by_mask.probabilities, abs=1e-6)
+    assert again.roi_center_lps == pytest.approx(by_mask.roi_center_lps) and again.diameter_mm is None
+    centre = tuple(float(v) for v in (low + high) / 2.0)
     by_roi = infer.classify(image, models["nodule"], roi=(centre, (20.0, 20.0, 20.0)), device="cpu")
-    assert by_roi.roi_center_lps == centre and by_roi.roi_size_mm == (20.0, 20.0, 20.0)
+    assert by_roi.roi_center_lps == pytest.approx(centre) and by_roi.roi_size_mm == pytest.approx((20.0,) * 3)
     whole = infer.classify(image, models["nodule"], device="cpu")
-    assert np.allclose(whole.roi_size_mm, (72.0, 72.0, 48.0))
+    assert np.allclose(whole.roi_size_mm, np.minimum((72.0, 72.0, 48.0), reach))
 
 
 def test_classify_bad_inputs_as_a_new_user_gives_them(models, ct_with_nodule):

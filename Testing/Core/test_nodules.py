@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from med3dcore.errors import Med3DError
-from med3dcore.nodules import (NoduleInputSpec, label_from_row, parse_roi, prepare_nodule, read_nodule_table,
+from med3dcore.nodules import (NoduleInputSpec, nodule_box, label_from_row, parse_roi, prepare_nodule, read_nodule_table,
                                scan_box)
 from med3dcore.volume import Volume, read_volume
 
@@ -85,8 +85,8 @@ def test_real_crops_of_mixed_spacing_centre_on_the_nodule(data_dir):
 def test_whole_chest_ct_with_roi_or_mask(data_dir):
     ct = read_volume(data_dir / "ct/chest_ct.nrrd")
     lesion = read_volume(data_dir / "ct/chest_ct_lesion.nrrd")
-    kji = np.argwhere(lesion.array > 0)
-    centre = ct.ijk_to_lps()[:3, :3] @ kji[:, ::-1].mean(axis=0) + ct.ijk_to_lps()[:3, 3]
+    low, high = nodule_box(ct, mask=lesion, params=SPEC)
+    centre = (low + high) / 2.0  # the cube is centred on the box it shows
     from_mask = prepare_nodule(ct, mask=lesion, params=SPEC)
     from_roi = prepare_nodule(ct, center_lps=centre, size_mm=(30, 30, 30), params=SPEC)
     assert from_roi.shape == from_mask.shape == (1, 32, 32, 32)
@@ -98,6 +98,24 @@ def test_whole_chest_ct_with_roi_or_mask(data_dir):
     assert np.all(from_roi[0, 0] == -1.0) and np.all(from_roi[0, :, :, 0] == -1.0)
     # the lesion is denser than the lung around it
     assert from_mask[0, 14:18, 14:18, 14:18].mean() > from_mask[0].mean()
+
+
+def test_the_box_shown_given_back_as_an_roi_shows_the_same_input(data_dir):
+    """Whatever marks the nodule (mask, ROI partly outside the scan, no size, the whole crop), the box nodule_box
+    reports, given back as an ROI, yields the identical cube."""
+    ct = read_volume(data_dir / "ct/chest_ct.nrrd")
+    lesion = read_volume(data_dir / "ct/chest_ct_lesion.nrrd")
+    crop = read_volume(data_dir / "nodules/image/LIDC-IDRI-0001_R_1.nii.gz")
+    scan_low, scan_high = scan_box(ct)
+    edge = scan_low + np.array([5.0, 60.0, 40.0])  # an ROI sticking out of the scan's low corner
+    for scan, marks in ((ct, {"mask": lesion}), (ct, {"center_lps": edge, "size_mm": (40, 40, 40)}),
+                        (ct, {"center_lps": edge}), (crop, {})):
+        low, high = nodule_box(scan, params=SPEC, **marks)
+        assert np.all(low >= scan_box(scan)[0] - 1e-9) and np.all(high <= scan_box(scan)[1] + 1e-9)
+        assert np.all(high - low <= SPEC.cube * SPEC.spacing_mm + 1e-9)
+        first = prepare_nodule(scan, params=SPEC, **marks)
+        again = prepare_nodule(scan, center_lps=(low + high) / 2.0, size_mm=high - low, params=SPEC)
+        assert np.array_equal(first, again)
 
 
 def test_roi_outside_the_scan_is_a_clear_error(data_dir):

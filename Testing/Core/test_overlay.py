@@ -63,7 +63,8 @@ def test_same_picture_whatever_the_storage_order(flip, permute):
 def test_write_overlay_png_and_refusals(tmp_path):
     image, labels = _marked_scan()
     out = write_overlay(image, labels, tmp_path / "ov.png")
-    assert Image.open(out).size == (213 + 4 + 213 + 4 + 160, 320) and Image.open(out).mode == "RGB"
+    # the views (320 px tall) and the legend strip: one 20 px line per label plus the window line, 8 px margin
+    assert Image.open(out).size == (213 + 4 + 213 + 4 + 160, 320 + 8 + 20 * 2) and Image.open(out).mode == "RGB"
     with pytest.raises(Med3DError, match="already exists"):
         write_overlay(image, labels, out)
     write_overlay(image, labels, out, overwrite=True)
@@ -89,3 +90,38 @@ def test_every_view_shows_two_separate_structures():
     axial, coronal, sagittal = red[:, :80], red[:, 84:164], red[:, 168:]
     assert axial.sum() > 0 and coronal.sum() > 0
     assert sagittal.sum() > 0.5 * 14 * 10 * 3 * 2 * 2  # a whole lung's section (J x K mm at 0.5 mm per pixel), roughly
+
+
+def test_outline_over_translucent_fill_and_a_legend_with_volumes():
+    from med3dcore.overlay import label_volumes_ml
+
+    image, labels = _marked_scan()
+    two = labels.array.copy()
+    two[2:6, 10:20, 5:15] = 2
+    labels = labels.with_array(two)
+    grey = 128
+    image = image.with_array(np.full(image.shape, grey, np.int16))
+    info = [{"value": 1, "name": "lesion", "color": [255, 0, 0]}, {"value": 2, "name": "cyst", "color": [0, 0, 255]},
+            {"value": 3, "name": "absent", "color": [0, 255, 0]}]
+    views = render_overlay(image, labels, info, window=(0, 255), height=120)
+    pic = render_overlay(image, labels, info, window=(0, 255), height=120, legend=True)
+    assert np.array_equal(pic[:120], views)
+    # 4 x 6 x 7 voxels of 1 x 1 x 3 mm = 504 mm^3; 4 x 10 x 10 x 3 = 1200 mm^3; label 3 is listed with 0 mL
+    assert label_volumes_ml(labels, [1, 2, 3]) == pytest.approx({1: 0.504, 2: 1.2, 3: 0.0})
+    legend = pic[120:]
+    assert legend.shape[0] == 8 + 20 * 4  # three labels and the window line
+    for row, color in enumerate(([255, 0, 0], [0, 0, 255], [0, 255, 0])):  # each swatch's outline in its colour
+        swatch = legend[5 + 20 * row + 2:5 + 20 * row + 16, 6:25]
+        assert (np.abs(swatch.astype(int) - color).sum(axis=2) == 0).any()
+    # the views cut through the cyst (the fuller label): its border is pure blue, its inside a blend with the scan
+    pixels = views.astype(int)
+    pure = (pixels == [0, 0, 255]).all(axis=2)
+    blended = (pixels[..., 2] > grey + 20) & (pixels[..., 0] > 40) & (pixels[..., 0] < grey)
+    assert pure.sum() > 20 and blended.sum() > 20
+
+
+def test_no_labels_still_says_so():
+    image, labels = _marked_scan()
+    pic = render_overlay(image, labels.with_array(np.zeros_like(labels.array)), window=(-1, 1), height=60,
+                         legend=True)
+    assert pic.shape[0] == 60 + 8 + 20 * 2

@@ -37,13 +37,36 @@ def test_jsonl_reporter_writes_one_line_per_event() -> None:
 
 def test_bar_reporter_draws_and_finishes_line() -> None:
     stream = io.StringIO()
-    bar = BarReporter(stream, width=10)
+    bar = BarReporter(stream, width=100)
     bar(make_event("train", 0, 4, metrics={"loss": 2.0}))
     bar(make_event("train", 4, 4, metrics={"loss": 1.0}))
     bar(make_event("train", kind="message", message="done"))
     text = stream.getvalue()
-    assert "train [##########] 4/4" in text and "loss=1" in text
+    assert "train: 100%" in text and "4/4" in text and "loss=1" in text
     assert text.endswith("[train] done\n")
+
+
+def test_bar_restarts_its_clock_per_run_and_shows_rate_eta_and_bytes() -> None:
+    """Two runs of one stage (the demo's pretrained and scratch fine-tuning) each get their own elapsed time."""
+    import time
+
+    stream = io.StringIO()
+    bar = BarReporter(stream, width=100)
+    bar(make_event("finetune", 0, 3, kind="message", message="starting"))
+    for step in (1, 2):
+        time.sleep(0.3)
+        bar(make_event("finetune", step, 3, metrics={"loss": 1.0}))
+    time.sleep(1.1)
+    bar(make_event("finetune", 0, 3, kind="message", message="starting again"))
+    bar(make_event("finetune", 1, 3))
+    frames = [f for f in stream.getvalue().replace("\n", "\r").split("\r") if f.startswith("finetune:")]
+    assert "<00:00" in frames[2] and "step/s" in frames[2]  # rate and time left once steps arrived
+    assert "[00:00<" in frames[-1]  # the second run's clock starts at zero, not at the first run's 1.7 s
+    stream = io.StringIO()
+    bar = BarReporter(stream, width=100)
+    bar(make_event("download", 1_500_000, 3_000_000, unit="B"))
+    bar(make_event("download", 3_000_000, 3_000_000, unit="B"))
+    assert "3.00M/3.00M" in stream.getvalue() and "B/s" in stream.getvalue()
 
 
 def test_unknown_mode() -> None:

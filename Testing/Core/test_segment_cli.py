@@ -37,7 +37,7 @@ def test_segment_file_with_overlay(setup, capsys):
     expected_ml = image.array.size * 3.0 * 2.5 * 4.0 / 1000.0
     assert f"lung: {expected_ml:.1f} mL" in stdout
     picture = Image.open(png)
-    assert picture.mode == "RGB" and picture.size[1] == 320
+    assert picture.mode == "RGB" and picture.size[1] == 320 + 8 + 20 * 2  # views, legend: one label + window
 
 
 def test_segment_jsonl_result_and_refusals(setup, capsys):
@@ -62,7 +62,8 @@ def test_segment_jsonl_result_and_refusals(setup, capsys):
 def test_segment_finds_model_in_models_folder(setup, tmp_path, monkeypatch, capsys):
     folder, scan, model = setup
     monkeypatch.setenv("MED3D_MODELS", str(tmp_path))
-    args = ["segment", str(scan), str(tmp_path / "l.nrrd"), "--task", "lung", "--progress", "none"]
+    args = ["segment", str(scan), str(tmp_path / "l.nrrd"), "--task", "lung", "--progress", "none",
+            "--method", "model"]  # auto would fall back to the classical lung method (test_segment_method.py)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "no --model given and no 'lung' segmentation model in" in err and "med3d finetune --task lung" in err

@@ -7,7 +7,8 @@ from torch import nn
 
 from med3dcore.errors import Med3DError
 from med3dcore.progress import make_event
-from med3dcore.sliding import (effective_tile, importance_map, make_predictor, sliding_window, tile_starts)
+from med3dcore.sliding import (TILE_VOXELS, choose_tile, effective_tile, importance_map, make_predictor,
+                               sliding_window, tile_starts)
 
 torch.set_num_threads(2)
 
@@ -30,7 +31,8 @@ def test_tile_starts_cover_and_end_flush():
 def test_importance_map_gaussian_peak_and_symmetry():
     w = importance_map((5, 8, 9))
     assert w.shape == (5, 8, 9) and w.dtype == torch.float32
-    assert w.max().item() == pytest.approx(1.0, abs=1e-6)
+    # 1 at the centre of the odd axes; the 8-voxel axis (sigma 1) has its centre between two voxels, 0.5 away.
+    assert w.max().item() == pytest.approx(float(torch.exp(torch.tensor(-0.125))), abs=1e-6)
     assert w[2, 3, 4] == w.max() or w[2, 4, 4] == w.max()
     assert torch.allclose(w, w.flip(0)) and torch.allclose(w, w.flip(1)) and torch.allclose(w, w.flip(2))
     assert w.min().item() > 0
@@ -44,12 +46,67 @@ def test_importance_map_gaussian_peak_and_symmetry():
         importance_map((2, 2, 2), "median")
 
 
+@pytest.mark.parametrize("tile", [(32, 96, 96), (5, 8, 9), (64, 64, 64)])
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_importance_map_equals_monai(tile, blend):
+    """Same settings, same weights as MONAI's sliding_window_inference (its map, floored as it floors it)."""
+    utils = pytest.importorskip("monai.data.utils")
+    theirs = utils.compute_importance_map(tile, mode=blend, sigma_scale=0.125, device="cpu")
+    assert torch.equal(importance_map(tile, blend), theirs)
+
+
 def test_effective_tile_shrinks_and_rounds():
     assert effective_tile((30, 100, 100), (64, 64, 64), multiple=8) == (32, 64, 64)
     assert effective_tile((30, 100, 100), None, multiple=8) == (32, 104, 104)
     assert effective_tile((30, 100, 100), (10, 20, 30)) == (10, 20, 30)
     with pytest.raises(Med3DError, match="three positive"):
         effective_tile((30, 30, 30), (0, 8, 8))
+
+
+def _work(size, tile, overlap):
+    """Voxels the network computes for ``size`` covered by ``tile``."""
+    count = 1
+    for s, t in zip(size, tile):
+        count *= len(tile_starts(max(s, t), t, overlap)) * t
+    return count
+
+
+def test_auto_tile_takes_the_whole_volume_when_it_fits():
+    # The chest CT on the lung preset's 3x3x4 mm grid: one pass, rounded up to the stride.
+    assert choose_tile((60, 97, 97), multiple=8) == (64, 104, 104)
+    assert effective_tile((60, 97, 97), "auto", multiple=8) == (64, 104, 104)
+    assert choose_tile((5, 6, 7)) == (5, 6, 7)
+
+
+def test_auto_tile_splits_a_volume_slightly_larger_than_the_budget_in_two_halves():
+    """A full 512x512x300 CT at 3x3x4 mm (75x171x171) is just above the budget: two half tiles along one axis,
+    where a fixed 96x160x160 tile would compute four nearly whole tiles (the 171-voxel axes twice each)."""
+    size = (75, 171, 171)
+    tile = choose_tile(size, TILE_VOXELS, overlap=0.1, multiple=8)
+    assert tile == (80, 96, 176)  # 88 would need three tiles at overlap 0.1 (stride 79)
+    assert tile[0] * tile[1] * tile[2] <= TILE_VOXELS
+    fixed = effective_tile(size, (96, 160, 160), multiple=8)
+    assert _work(size, tile, 0.1) < 0.55 * _work(size, fixed, 0.1)
+    assert len(tile_starts(171, 96, 0.1)) == 2 and len(tile_starts(171, 88, 0.1)) == 3
+
+
+@pytest.mark.parametrize("size,budget", [((200, 300, 300), TILE_VOXELS), ((40, 500, 90), 30 * 64 * 64),
+                                         ((9, 9, 9), 1)])
+def test_auto_tile_fits_the_budget_and_covers(size, budget):
+    tile = choose_tile(size, budget, overlap=0.25, multiple=8)
+    assert all(t % 8 == 0 for t in tile)
+    if budget >= 8 ** 3:
+        assert tile[0] * tile[1] * tile[2] <= budget
+    else:  # no tile is smaller than one stride: the smallest possible
+        assert tile == (8, 8, 8)
+    for s, t in zip(size, tile):
+        starts = tile_starts(max(s, t), t, 0.25)
+        assert starts[0] == 0 and starts[-1] + t >= s
+
+
+def test_tile_names_are_checked():
+    with pytest.raises(Med3DError, match="tile must be 'auto'"):
+        effective_tile((8, 8, 8), "whole")
 
 
 def _identity(batch):
@@ -125,8 +182,8 @@ def test_progress_events_one_per_batch():
     events = []
     sliding_window(_identity, torch.zeros(1, 16, 16, 16), tile=(8, 8, 8), overlap=0.0, batch_size=3,
                    reporter=events.append, stage="lung")
-    assert [e["step"] for e in events] == [1, 2, 3]
-    assert events[-1] == make_event("lung", 3, 3)
+    assert [e["step"] for e in events] == [0, 1, 2, 3]  # step 0: the bar shows before the first tile
+    assert events[-1] == make_event("lung", 3, 3, unit="tile")
 
 
 def test_bad_arguments_are_clear():

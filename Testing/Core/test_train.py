@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from med3dcore.errors import Med3DError
-from med3dcore.train import (TrainConfig, ce_dice_loss, lr_factor, param_groups, seed_everything, split_batch,
-                             train)
+from med3dcore.train import (TrainConfig, ce_dice_loss, lr_factor, make_adam, param_groups, seed_everything,
+                             split_batch, train, training_layout)
 from med3dcore.weights import safe_load
 
 torch.set_num_threads(2)
@@ -264,3 +264,67 @@ def test_ce_dice_loss_is_low_for_a_perfect_prediction():
     perfect = torch.nn.functional.one_hot(labels, 3).permute(0, 4, 1, 2, 3).float() * 40
     assert float(ce_dice_loss(perfect, labels)) < 1e-3
     assert float(ce_dice_loss(-perfect, labels)) > 2.0
+
+
+# ------------------------------------------------------------------------------------------------ Adam's form
+
+def _adam_steps(kind: str, steps: int = 3):
+    seed_everything(0)
+    model = TinyNet()
+    optimizer = make_adam(param_groups(model, lr=0.01, pretrained_lr=0.001), 0.01, 1e-4, kind=kind)
+    batch = Batches().next_batch(1)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        seg_loss(model, batch)[0].backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_every_adam_form_makes_the_same_update():
+    """fused / foreach / loop: the same Adam, per-group rates and weight decay included (float rounding apart)."""
+    reference, optimizer = _adam_steps("loop")
+    assert not optimizer.param_groups[0]["foreach"]
+    for kind in ("foreach", "fused", "auto"):
+        model, optimizer = _adam_steps(kind)
+        for a, b in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(a, b, atol=1e-6), kind
+    assert _adam_steps("auto")[1].param_groups[0].get("fused")  # this torch (>= 2.4) has fused Adam on CPU
+
+
+def test_adam_falls_back_when_fused_is_missing(monkeypatch):
+    """A torch without fused Adam for the device (CPU before 2.4) gets foreach, then the loop."""
+    real = torch.optim.Adam
+
+    def adam(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam)
+    assert make_adam([{"params": list(TinyNet().parameters())}], 0.01, 0.0).param_groups[0]["foreach"]
+    with pytest.raises(RuntimeError, match="fused"):
+        make_adam([{"params": list(TinyNet().parameters())}], 0.01, 0.0, kind="fused")
+    with pytest.raises(Med3DError, match="unknown Adam form 'sgd'"):
+        make_adam([{"params": list(TinyNet().parameters())}], 0.01, 0.0, kind="sgd")
+
+
+def test_segmentation_networks_train_channels_last_on_cpu(tmp_path):
+    from med3dcore.nets import build_model
+
+    lung = build_model({"backbone": {"depth": 10, "shortcut_type": "B"},
+                        "head": {"type": "lung_decoder", "num_classes": 2, "channels": [8, 8, 8]}})
+    classifier = build_model({"backbone": {"depth": 10, "shortcut_type": "B"},
+                              "head": {"type": "classifier", "num_classes": 2}})
+    assert training_layout(lung, torch.device("cpu")) and not training_layout(classifier, torch.device("cpu"))
+    assert not training_layout(lung, torch.device("cuda"))
+    x = torch.randn(2, 1, 8, 16, 16)
+    y = (x[:, 0] > 0).long()
+    config = TrainConfig(steps=1, batch_size=2, lr=0.01, device="cpu")
+    train(lung, config, lambda step: (x, y), lambda m, b: (ce_dice_loss(m(b[0]), b[1]), {}), tmp_path)
+    assert lung.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    saved = safe_load(tmp_path / "checkpoints" / "last.pt")["model"]
+    reloaded = build_model({"backbone": {"depth": 10, "shortcut_type": "B"},
+                            "head": {"type": "lung_decoder", "num_classes": 2, "channels": [8, 8, 8]}})
+    reloaded.load_state_dict(saved)  # a channels-last checkpoint loads into a plain network: same values
+    assert torch.equal(reloaded.encoder.conv1.weight, lung.encoder.conv1.weight)
+

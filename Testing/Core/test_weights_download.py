@@ -91,9 +91,13 @@ def test_http_error(server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_connection_cut_short(server, tmp_path):
-    with pytest.raises(Med3DError, match="(broke off|is incomplete).*try again"):
+def test_connection_cut_short_keeps_the_bytes_for_a_resume(server, tmp_path):
+    with pytest.raises(Med3DError, match="(broke off|is incomplete).*run the same command again to resume"):
         download_weights(f"{server}/short.pth", tmp_path / "w.pth")
+    assert not (tmp_path / "w.pth").exists()  # nothing half-written under the real name
+    assert (tmp_path / ".w.pth.partial").read_bytes() == PAYLOAD[:1000]  # kept for the resume (Range request)
+    with pytest.raises(Med3DError, match="checksum mismatch"):  # resume=False starts over, then the check fails
+        download_weights(f"{server}/weights.pth", tmp_path / "w.pth", sha256="0" * 64, resume=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -101,7 +105,7 @@ def test_no_network(tmp_path):
     with socket.socket() as sock:  # a port nobody listens on: connection refused, like an offline site
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(Med3DError, match="cannot reach .*check the network connection or download it by hand "
+    with pytest.raises(Med3DError, match="cannot reach .*check the network connection .*proxy settings.* or download it by hand "
                                          "and place it at"):
         download_weights(f"http://127.0.0.1:{port}/w.pth", tmp_path / "w.pth", timeout=5)
     assert list(tmp_path.iterdir()) == []

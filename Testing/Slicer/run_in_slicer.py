@@ -1,31 +1,33 @@
 """Med3D's checks in a real 3D Slicer (5.8 or newer); exits non-zero on any failure.
 
-    Slicer --no-splash --no-main-window --testing --additional-module-paths Med3DSlicer \
+    Slicer --no-splash --no-main-window --additional-module-paths Med3DSlicer \
         --python-script Testing/Slicer/run_in_slicer.py
 
-(Under Linux CI wrap it in ``xvfb-run -a``.) It uses the module from the source tree when the extension is not
-installed, loads the ``CTChest`` sample, and runs: the module's self-test, one lung segmentation (named, coloured
-segments whose terminology Slicer's own Terminologies logic accepts), one nodule classification into a table,
-and one tiny fine-tuning run in a background PythonSlicer process. The models are small constant-output
-ResNet-10 bundles made here, so no weights are downloaded; the checks are about the Slicer plumbing.
+(Under Linux CI wrap it in ``xvfb-run -a``. No ``--testing``: it implies ``--disable-settings``, so Slicer would
+start with temporary settings, which may not know the installed PyTorch extension; the script answers the one
+dialog itself and no other dialog appears without a main window.) Slicer loads the module from the source tree at start-up (Med3DLib
+puts ``../Med3DCore`` on the path). The checks start from a Slicer where nothing Med3D needs is installed but
+the PyTorch extension, and use the panel as a user would:
+
+1. the module's self-test, before anything is installed;
+2. the panel, built by Slicer, offers the classical lung method (no model is present); Apply on the CTChest
+   sample asks to install PyTorch, nibabel and scikit-image (answered here, and checked that it was asked),
+   installs them, segments the lungs in a background PythonSlicer while the event loop runs, and loads named,
+   coloured segments whose terminology Slicer's own Terminologies logic accepts;
+3. one nodule classification from the panel, with a tiny constant-output model made here, into a table;
+4. one tiny fine-tuning run from the panel on two small cases in the scene; the new model is then listed.
 """
 from __future__ import annotations
 
 import math
 import os
-import sys
+import shutil
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def prepare_paths() -> None:
-    """Use the source tree's module and engine when the extension is not installed."""
-    for folder in (ROOT / "Med3DSlicer", ROOT / "Med3DCore"):
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
 
 
 def check(condition: bool, message: str) -> None:
@@ -33,104 +35,148 @@ def check(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def make_models(folder: Path) -> None:
+def run_events(until, timeout: float, what: str) -> None:
+    """Let Slicer's event loop run (timers, the panel's polling) until ``until()`` holds."""
+    import slicer
+
+    end = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} did not finish within {timeout:.0f} s")
+        slicer.app.processEvents()
+        time.sleep(0.05)
+
+
+def make_nodule_model(folder: Path) -> None:
+    """A real ResNet-10 classifier whose last layer outputs logits (0, log 3): P(malignant) = 0.75 exactly."""
     import torch
 
     from med3dcore.nets import build_model
-    from med3dcore.preprocess import PreprocessSpec
     from med3dcore.weights import save_bundle
 
-    def bundle(name, head, bias, task, labels, **kwargs):
-        torch.manual_seed(0)
-        architecture = {"backbone": {"depth": 10, "shortcut_type": "B", "preact": False}, "head": head}
-        net = build_model(architecture)
-        last = [m for m in net.head.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear))][-1]
-        with torch.no_grad():
-            last.weight.zero_()
-            last.bias.copy_(torch.tensor(bias))
-        save_bundle(folder / name, net, architecture=architecture, task=task, labels=labels,
-                    provenance={"data": "constant-output test bundle"}, **kwargs)
+    torch.manual_seed(0)
+    architecture = {"backbone": {"depth": 10, "shortcut_type": "B", "preact": False},
+                    "head": {"type": "classifier", "num_classes": 2}}
+    net = build_model(architecture)
+    last = [m for m in net.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
+    save_bundle(folder / "nodule-test.pt", net, architecture=architecture,
+                task={"type": "classification", "name": "nodule"},
+                labels=[{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}], preprocessing={},
+                provenance={"data": "constant-output test bundle"}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
 
-    bundle("lung-test.pt", {"type": "lung_decoder", "num_classes": 2, "channels": [8, 8, 8]}, [-5.0, 5.0],
-           {"type": "segmentation", "name": "lung"},
-           [{"value": 1, "name": "lung", "color": [197, 165, 145], "terminology": "SCT^39607008^Lung"}],
-           preprocessing=PreprocessSpec(spacing=(8.0, 8.0, 8.0), window=(-1000.0, 400.0), modality="CT"))
-    bundle("nodule-test.pt", {"type": "classifier", "num_classes": 2}, [0.0, math.log(3.0)],
-           {"type": "classification", "name": "nodule"},
-           [{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}], preprocessing={},
-           extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
+
+def choose(combo, text: str) -> None:
+    index = combo.findText(text)
+    check(index >= 0, f"'{text}' is not in the list {[combo.itemText(i) for i in range(combo.count)]}")
+    combo.currentIndex = index
 
 
 def run_checks() -> None:
+    work = Path(tempfile.mkdtemp(prefix="Med3D-slicer-test-"))
+    try:
+        _run_checks(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_checks(work: Path) -> None:
     import numpy as np
+    import qt
     import slicer
-    import SampleData
     import vtk
 
     import Med3D
 
-    work = Path(tempfile.mkdtemp(prefix="Med3D-slicer-test-"))
     os.environ["MED3D_MODELS"] = str(work / "models")
     (work / "models").mkdir()
-    logic = Med3D.Med3DLogic()
-    logic.ensureDependencies(ask=False)  # CI installs the packages beforehand; this must find them all
-    make_models(work / "models")
 
     Med3D.Med3DTest().runTest()
     print("Med3D: module self-test passed")
 
-    volume = SampleData.downloadSample("CTChest")
-    segmentation = logic.segment(volume, task="lung", device="cpu")
-    segments = segmentation.GetSegmentation()
-    check(segments.GetNumberOfSegments() == 1, "expected one lung segment")
-    segment = segments.GetSegment(segments.GetSegmentIdBySegmentName("lung"))
-    check(segment is not None, "no segment named 'lung'")
-    tag = vtk.reference("")
-    check(segment.GetTag(segment.GetTerminologyEntryTagName(), tag), "the lung segment has no terminology")
-    entry = slicer.vtkSlicerTerminologyEntry()
-    check(slicer.modules.terminologies.logic().DeserializeTerminologyEntry(str(tag), entry),
-          f"Slicer rejects the terminology string {tag}")
-    check(entry.GetTypeObject().GetCodeValue() == "39607008", "the lung terminology code was lost")
-    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segments.GetSegmentIdBySegmentName("lung"),
-                                                      volume)
-    check(mask.shape == slicer.util.arrayFromVolume(volume).shape and mask.all(),
-          "the constant lung model must cover the whole volume, on the volume's grid")
-    print("Med3D: lung segmentation passed")
+    widget = slicer.util.getModuleWidget("Med3D")  # built by Slicer: setup() from Med3D.ui
+    ui, parameters = widget.ui, widget._parameterNode
+    check(ui.modelComboBox.itemData(ui.modelComboBox.currentIndex) == "classical",
+          "without a lung model the panel must offer the classical method")
+    import SampleData
 
+    volume = SampleData.downloadSample("CTChest")
+    parameters.inputVolume, parameters.device = volume, "cpu"
+    questions = []
+    confirm = slicer.util.confirmOkCancelDisplay
+
+    def answer(text, *args, **kwargs):  # the dialog, answered as a user would: OK
+        questions.append(text)
+        return True
+
+    from Med3DLib import dependencies
+
+    needed = not dependencies.plan_install().nothing_to_do
+    slicer.util.confirmOkCancelDisplay = answer
+    try:
+        ui.applyButton.click()
+    finally:
+        slicer.util.confirmOkCancelDisplay = confirm
+    check(len(questions) == int(needed), f"asked {len(questions)} time(s) to install; something was missing: {needed}")
+    check(ui.applyButton.text == "Cancel", f"Apply did not start a background run: {ui.statusLabel.text}")
+    run_events(lambda: widget._job is None, 900, "lung segmentation")
+    check(ui.statusLabel.text == "Done.", f"lung segmentation: {ui.statusLabel.text}")
+    (segmentation,) = slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")
+    segments = segmentation.GetSegmentation()
+    names = [segments.GetSegment(segments.GetNthSegmentID(i)).GetName() for i in range(segments.GetNumberOfSegments())]
+    check(names == ["right lung", "left lung"], f"unexpected segments {names}")
+    for index in range(segments.GetNumberOfSegments()):
+        segment = segments.GetSegment(segments.GetNthSegmentID(index))
+        tag = vtk.reference("")
+        check(segment.GetTag(segment.GetTerminologyEntryTagName(), tag), f"{segment.GetName()} has no terminology")
+        entry = slicer.vtkSlicerTerminologyEntry()
+        check(slicer.modules.terminologies.logic().DeserializeTerminologyEntry(str(tag), entry),
+              f"Slicer rejects the terminology string {tag}")
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segments.GetNthSegmentID(0), volume)
+    check(mask.shape == slicer.util.arrayFromVolume(volume).shape and mask.any(), "the right lung is empty")
+    print(f"Med3D: lung segmentation passed (packages installed after asking: {needed})")
+
+    make_nodule_model(work / "models")
+    choose(ui.taskComboBox, "Nodule classification")
+    check(ui.modelComboBox.currentText == "nodule-test", "the new nodule model is not listed")
     roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Nodule 1 malignant")
     bounds = [0.0] * 6
     volume.GetRASBounds(bounds)
     roi.SetCenter([(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2])
     roi.SetSize(30, 30, 30)
-    probabilities = logic.classifyNodule(volume, roi, device="cpu")
-    check(abs(probabilities["malignant"] - 0.75) < 1e-4, f"unexpected probabilities {probabilities}")
-    check(logic.lastResultTable.GetTable().GetNumberOfRows() == 5, "the result table is incomplete")
+    parameters.roi = roi
+    ui.applyButton.click()
+    run_events(lambda: widget._job is None, 600, "nodule classification")
+    check(ui.resultsLabel.text.startswith("benign: 0.25  malignant: 0.75"), f"classification: {ui.resultsLabel.text}")
+    (table,) = slicer.mrmlScene.GetNodesByClass("vtkMRMLTableNode")
+    check(table.GetTable().GetNumberOfRows() >= 5, "the result table is incomplete")
     print("Med3D: nodule classification passed")
 
-    # A tiny fine-tuning run on a downsampled crop of the sample, exported from the scene by the module.
+    # Two small cases (a downsampled copy of the sample with a stand-in lung mask) checked in the panel.
+    choose(ui.taskComboBox, "Lung segmentation")
     array = slicer.util.arrayFromVolume(volume)[::4, ::8, ::8].copy()
     matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(matrix)
     small = slicer.util.arrayFromVTKMatrix(matrix) @ np.diag([8.0, 8.0, 4.0, 1.0])
-    pairs = []
     for index in range(2):
         node = slicer.util.addVolumeFromArray(array, small, f"small {index}")
-        labels = (array < -400).astype(np.uint8)  # air and lung: a stand-in lung mask
-        engine_labels = logic.volumeFromNode(node).with_array(labels)
-        pairs.append((node, logic.segmentationFromLabels(engine_labels, [{"value": 1, "name": "lung"}], node,
-                                                         f"small lung {index}")))
-    run = logic.finetune("lung", pairs=pairs, epochs=1, newModelName="slicer-ci", device="cpu",
-                         extraArgs=["--patch", "16,32,32", "--spacing", "6,6,6"])
-    code = run.wait(900)
-    check(code == 0 and run.failure() is None, f"fine-tuning failed: {run.failure()}")
-    check(Path(run.output).is_file(), "the fine-tuned model was not saved")
-    check(any(m.name == "slicer-ci" for m in logic.availableModels("lung")), "the new model is not listed")
-    check(run.state.losses, "no loss was reported")
+        labels = widget.logic.volumeFromNode(node).with_array((array < -400).astype(np.uint8))
+        case = widget.logic.segmentationFromLabels(labels, [{"value": 1, "name": "lung"}], node, f"small lung {index}")
+        ui.trainingSegmentationsSelector.setCheckState(case, qt.Qt.Checked)
+    parameters.epochs, parameters.newModelName = 1, "slicer-ci"
+    ui.finetuneButton.click()
+    check(ui.finetuneButton.text == "Cancel", f"fine-tuning did not start: {ui.finetuneStatusLabel.text}")
+    run_events(lambda: widget._run is None, 1200, "fine-tuning")
+    check(ui.finetuneStatusLabel.text.startswith("Saved the new model as"), f"fine-tuning: {ui.finetuneStatusLabel.text}")
+    check((work / "models" / "slicer-ci.pt").is_file(), "the fine-tuned model was not saved")
+    check("slicer-ci" in [ui.modelComboBox.itemText(i) for i in range(ui.modelComboBox.count)],
+          "the new model is not listed")
     print("Med3D: fine-tuning passed")
 
 
 def main() -> int:
-    prepare_paths()
     try:
         run_checks()
     except Exception:

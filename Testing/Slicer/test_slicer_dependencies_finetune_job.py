@@ -84,6 +84,14 @@ def test_model_choice_by_task_name_and_path(tmp_path: Path) -> None:
         models.pick_model(found, "liver", None, "/m")
     with pytest.raises(Med3DError, match="neither a file nor a known model"):
         models.pick_model(found, "lung", "nope", "/m")
+    # Lung segmentation works without weights: the engine's classical method, listed after trained models.
+    assert models.model_choices(found, "lung") == [("lungA", "/m/lungA.pt"), (models.CLASSICAL_TITLE, "classical")]
+    assert models.pick_model(found[1:], "lung", None, "/m") == models.CLASSICAL
+    assert models.pick_model(found, "lung", "classical", "/m") == models.CLASSICAL
+    with pytest.raises(Med3DError, match="classical method exists for lung only"):
+        models.pick_model(found, "nodule", "classical", "/m")
+    assert models.model_choices(found, "liver") == []
+    assert models.CLASSICAL_TITLE == "Classical lung method (threshold, no weights)"
     assert models.task_from_title("Nodule classification") == "nodule"
     with pytest.raises(Med3DError, match="unknown task"):
         models.task_from_title("Brain")

@@ -1,9 +1,11 @@
-"""Med3D.py's logic against the Slicer double (Testing/Slicer/slicer_double.py) with the real engine: node <-> Volume,
-parent transforms, segments from label maps, world alignment of results on flipped/permuted/oblique nodes,
-nodule classification into a table, dependency installs, scene export for fine-tuning and the background run."""
+"""Med3D.py's logic (the console API) against the Slicer double in its 5.8 and 5.10 modes, with the real engine in
+background processes: node <-> Volume, parent transforms, segments from label maps, world alignment of results
+on flipped/permuted/oblique nodes, nodule classification into a table, dependency installs, scene export for
+fine-tuning (each ROI with its own scan) and the background runs with their work folders."""
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +21,7 @@ from bundles import LUNG_LABELS, NODULE_LABELS, constant_output_bundle
 from med3dcore.errors import Med3DError
 from med3dcore.phantoms import make_ct_phantom, store_as
 from med3dcore.preprocess import PreprocessSpec
-from med3dcore.volume import Volume, read_volume
+from med3dcore.volume import Volume, read_volume, write_volume
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +51,12 @@ def env(slicer_double, model_folder, monkeypatch):
 def add_volume(slicer, volume: Volume, name: str = "ct"):
     array, matrix = geometry.node_data_from_volume(volume)
     return slicer.util.addVolumeFromArray(array, matrix, name)
+
+
+def scene_matrix(node) -> np.ndarray:
+    from Med3DLib import scene
+
+    return scene.ijk_to_ras(node)
 
 
 def segment_world_mask(slicer, segmentation_node, segment_name: str, reference_node) -> np.ndarray:
@@ -152,10 +160,10 @@ def test_segmentation_from_labels_names_colours_codes_and_cleans_up(env) -> None
 def test_segments_are_named_by_label_order_whatever_the_import_calls_them(env, monkeypatch) -> None:
     """Slicer names a lone label's segment after the label-map node (4.11-5.6 even when the colour table names
     it; 5.8 when the table does not): the module names segments itself, by label order."""
-    import slicer_double
+    import double_mrml
 
     slicer, _, logic = env
-    monkeypatch.setattr(slicer_double.ColorTableNode, "GetColorName", lambda self, index: "")
+    monkeypatch.setattr(double_mrml.ColorTableNode, "GetColorName", lambda self, index: "")
     image = Volume(np.zeros((4, 5, 6), np.int16))
     reference = add_volume(slicer, image)
     labels = np.zeros(image.shape, np.uint8)
@@ -179,18 +187,15 @@ def test_empty_result_gives_an_empty_segmentation(env) -> None:
     assert node.GetSegmentation().GetNumberOfSegments() == 0
 
 
-def fake_world_segment(volume, model, task=None, device="auto", reporter=None):
-    """FAKE of infer.segment (named so): labels the patient's left half (LPS x > 0) as 1, and voxels above
-    z = 10 mm in it as 2, computed from each voxel's world position, so any misplacement shows."""
-    from med3dcore.infer import SegmentationResult
-
+def world_labels(volume: Volume) -> Volume:
+    """Labels from each voxel's world position: the patient's left half (LPS x > 0) is 1, and above z = 10 mm
+    in it 2, so any misplacement shows."""
     k, j, i = np.indices(volume.shape)
     ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
     lps = ijk @ (volume.direction * np.asarray(volume.spacing)).T + np.asarray(volume.origin)
     labels = (lps[:, 0] > 0).astype(np.uint8)
     labels[(labels == 1) & (lps[:, 2] > 10)] = 2
-    info = [{"value": 1, "name": "left", "color": [255, 0, 0]}, {"value": 2, "name": "left top", "color": [0, 0, 255]}]
-    return SegmentationResult(volume.with_array(labels.reshape(volume.shape)), info, [])
+    return volume.with_array(labels.reshape(volume.shape))
 
 
 def oblique(volume: Volume) -> Volume:
@@ -200,68 +205,83 @@ def oblique(volume: Volume) -> Volume:
 
 
 @pytest.mark.parametrize("storage", ["as-is", "flipped", "permuted", "oblique"])
-def test_results_line_up_in_world_space(env, monkeypatch, storage) -> None:
-    slicer, _, logic = env
-    from med3dcore import infer
+def test_results_line_up_in_world_space(env, storage) -> None:
+    """The path a result takes: the node exported to a file (as the background job gets it), labels computed
+    on that file's geometry, written, read back and imported as segments on the node."""
+    from Med3DLib import inference, scene
 
-    monkeypatch.setattr(infer, "segment", fake_world_segment)
+    slicer, _, logic = env
     image, _, _ = make_ct_phantom((10, 12, 14), (3.0, 2.5, 4.0), seed=1)
     image = Volume(image.array, image.spacing, (-15.0, -20.0, -12.0), image.direction)
     stored = {"as-is": image, "flipped": store_as(image, flip=(0, 2)),
               "permuted": store_as(image, flip=(1,), permute=(2, 0, 1)), "oblique": oblique(image)}[storage]
     node = add_volume(slicer, stored, storage)
-    result = logic.segment(node, "lung")
+    folder, exported = inference.export_input("test", node)
+    try:
+        labels_file = Path(folder) / "labels.nrrd"
+        write_volume(world_labels(read_volume(exported)), labels_file)
+        info = [{"value": 1, "name": "left", "color": [255, 0, 0]}, {"value": 2, "name": "left top"}]
+        result = scene.segmentation_from_labels(read_volume(labels_file), info, node, "world")
+    finally:
+        shutil.rmtree(folder)
     left = segment_world_mask(slicer, result, "left", node)
     top = segment_world_mask(slicer, result, "left top", node)
     # Expected from the node's own IJK-to-RAS, as Slicer would place each voxel: RAS x < 0 is patient left.
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
     k, j, i = np.indices(stored.shape)
-    ras = geometry.ijk_to_ras(slicer.util.arrayFromVTKMatrix(matrix),
+    ras = geometry.ijk_to_ras(scene.ijk_to_ras(node),
                               np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)).reshape(stored.shape + (3,))
-    expected_left = (ras[..., 0] < 0) & ~(ras[..., 2] > 10)
     assert left.any() and top.any()
-    np.testing.assert_array_equal(left.astype(bool), expected_left)
+    np.testing.assert_array_equal(left.astype(bool), (ras[..., 0] < 0) & ~(ras[..., 2] > 10))
     np.testing.assert_array_equal(top.astype(bool), (ras[..., 0] < 0) & (ras[..., 2] > 10))
 
 
 # --------------------------------------------------------------------------------------- real engine runs
 
-def test_segment_with_a_real_bundle_on_a_real_scan(env, data_dir) -> None:
+def test_segment_with_a_real_bundle_on_a_real_scan(env, data_dir, model_folder) -> None:
+    """The blocking console form: waits for the background job, reports progress, returns the node."""
     slicer, _, logic = env
     node = slicer.util.loadVolume(str(data_dir / "ct" / "abdomen_ct_small.nii.gz"))
     before = slicer.util.arrayFromVolume(node).copy()
     events = []
     logic.progressCallback = lambda fraction, text: events.append((fraction, text))
-    result = logic.segment(node, task="lung", device="cpu")
+    result = logic.segment(node, task="lung", model=str(model_folder / "lung-everywhere.pt"), device="cpu")
     assert result.GetName() == f"{node.GetName()} lung"
     mask = segment_world_mask(slicer, result, "lung", node)
     assert mask.shape == before.shape and mask.all()  # the bundle's constant output: lung everywhere
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)  # input untouched
-    assert events, "the engine's progress never reached the progress callback"
+    assert events and events[-1][0] == 1.0, "the engine's progress never reached the progress callback"
 
 
-def test_cancel_stops_in_process_inference(env, data_dir) -> None:
+def test_without_a_lung_model_the_classical_method_segments_both_lungs(env, data_dir, tmp_path, monkeypatch) -> None:
     slicer, _, logic = env
+    monkeypatch.setenv("MED3D_MODELS", str(tmp_path))  # no model at all
     node = slicer.util.loadVolume(str(data_dir / "ct" / "abdomen_ct_small.nii.gz"))
+    segmentation = logic.segment(node, "lung", device="cpu").GetSegmentation()
+    names = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName() for i in range(2)]
+    assert names == ["right lung", "left lung"]
+    codes = []
+    for index in range(2):  # SNOMED CT: right lung structure 3341006, left lung structure 44029006
+        tag = vtk.reference("")
+        assert segmentation.GetSegment(segmentation.GetNthSegmentID(index)).GetTag("TerminologyEntry", tag)
+        codes.append(segments.parse_terminology(str(tag))["type"][1])
+    assert codes == ["3341006", "44029006"]
 
-    def press_cancel(fraction, text):
-        logic.cancelRequested = True  # what the Cancel button does during the first progress event
 
-    logic.progressCallback = press_cancel
-    count = slicer.mrmlScene.GetNumberOfNodes()
-    with pytest.raises(Med3DError, match="cancelled by the user"):
-        logic.segment(node, "lung", device="cpu")
-    assert slicer.mrmlScene.GetNumberOfNodes() == count  # no half-made segmentation left behind
+def test_an_engine_error_is_one_clear_line(env, model_folder) -> None:
+    slicer, _, logic = env
+    node = add_volume(slicer, Volume(np.full((8, 8, 8), -700, np.int16)))
+    with pytest.raises(Med3DError) as caught:  # the engine refuses a nodule model for segmentation
+        logic.segment(node, "lung", model=str(model_folder / "nodule-3to1.pt"), device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message and "exit code" not in message
+    assert "classification" in message and not slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")
 
 
 def test_classify_nodule_fills_the_table(env, data_dir) -> None:
     slicer, _, logic = env
     node = slicer.util.loadVolume(str(data_dir / "ct" / "chest_ct.nrrd"))
     roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Nodule 1")
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    centre = geometry.ijk_to_ras(slicer.util.arrayFromVTKMatrix(matrix), [[256, 256, 24]])[0]
+    centre = geometry.ijk_to_ras(scene_matrix(node), [[256, 256, 24]])[0]
     roi_node.SetCenter(centre)
     roi_node.SetSize(20, 20, 20)
     probabilities = logic.classifyNodule(node, roi_node, device="cpu")
@@ -271,6 +291,23 @@ def test_classify_nodule_fills_the_table(env, data_dir) -> None:
     assert rows["P(benign)"] == "0.2500" and rows["P(malignant)"] == "0.7500" and rows["class"] == "malignant"
     assert rows["ROI centre RAS (mm)"] == ", ".join(f"{v:.1f}" for v in centre)
     assert rows["ROI size (mm)"] == "20.0, 20.0, 20.0"
+
+
+def test_classify_with_a_mask_uses_the_masked_nodule(env, data_dir) -> None:
+    slicer, _, logic = env
+    node = add_volume(slicer, Volume(np.full((20, 30, 30), -700, np.int16), spacing=(1.0, 1.0, 2.0)))
+    labels = np.zeros((20, 30, 30), np.uint8)
+    labels[8:12, 10:16, 10:16] = 1
+    mask = logic.segmentationFromLabels(logic.volumeFromNode(node).with_array(labels), [{"value": 1, "name": "n"}],
+                                        node, "nodule mask")
+    assert logic.classifyNodule(node, maskNode=mask, device="cpu") == pytest.approx({"benign": 0.25, "malignant": 0.75})
+    table = logic.lastResultTable.GetTable()
+    rows = {table.GetValue(r, 0).ToString(): table.GetValue(r, 1).ToString() for r in range(table.GetNumberOfRows())}
+    # The box the network saw: the mask's 6 x 6 x 8 mm box plus the 8 mm context margin on every side.
+    assert rows["ROI size (mm)"] == "22.0, 22.0, 24.0"
+    # The nodule's measured size: 144 voxels of 2 mm^3, and the sphere of that volume.
+    assert float(rows["volume (mL)"]) == pytest.approx(0.288)
+    assert float(rows["diameter (mm)"]) == pytest.approx((6 * 288 / np.pi) ** (1 / 3), rel=1e-5)
 
 
 def test_classify_refuses_bad_rois_before_loading_a_model(env) -> None:
@@ -286,11 +323,15 @@ def test_classify_refuses_bad_rois_before_loading_a_model(env) -> None:
 
 
 def test_create_roi_at_the_crosshair(env) -> None:
+    from Med3DLib import scene
+
     slicer, _, logic = env
     crosshair = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLCrosshairNode")
     crosshair.position = [10.0, -20.0, 5.0]
-    node = logic.createRoiAtCursor(25.0)
-    centre, size, axes = logic.roiFromNode(node)
+    volume = add_volume(slicer, Volume(np.zeros((4, 5, 6), np.int16)))
+    node = logic.createRoiAtCursor(25.0, volume)
+    assert node.GetNodeReference(scene.ROI_VOLUME_ROLE) is volume
+    centre, size, axes = scene.roi_from_node(node)
     np.testing.assert_allclose(centre, [10, -20, 5])
     np.testing.assert_allclose(size, [25, 25, 25])
     np.testing.assert_allclose(axes, np.eye(3))
@@ -309,8 +350,9 @@ def test_model_file_is_added_once_and_listed(env, model_folder, tmp_path, monkey
         logic.addModelFile(str(model_folder / "lung-everywhere.pt"))
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(Med3DError):
+    with pytest.raises(Med3DError, match="is not a Med3D model"):
         logic.addModelFile(str(broken))
+    assert not (own / "broken.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------- dependencies
@@ -331,16 +373,18 @@ def test_missing_packages_are_installed_only_after_asking(env, monkeypatch) -> N
 
     def pip_install(arguments):  # the install works: the packages become importable
         record(arguments)
+        assert "numpy==" in Path(arguments[2]).read_text()  # Slicer's numpy pinned: pip cannot replace it
         missing.difference_update(a.split(">=")[0] for a in arguments)
 
     monkeypatch.setattr(slicer.util, "pip_install", pip_install)
-    # The double's PyTorch extension records the call but cannot make torch importable: restart needed.
+    # torch installed but still not importable (Python cached the folder's contents): restart needed.
     with pytest.raises(Med3DError, match="still not importable after the install: torch; restart Slicer"):
         logic.ensureDependencies()
     assert "nibabel>=4.0" in slicer.util.confirmations[-1]
     (arguments,) = slicer.util.pipInstalls
-    assert arguments[:2] == ["nibabel>=4.0", "-c"] and PyTorchUtils.installs == [">=1.13"]
-    assert "numpy==" in Path(arguments[2]).read_text()  # Slicer's numpy pinned: pip cannot replace it
+    assert arguments[:2] == ["nibabel>=4.0", "-c"] and PyTorchUtils.installs == [["install", "torch>=1.13",
+                                                                                 "torchvision"]]
+    assert not Path(arguments[2]).exists()  # the constraints file's folder is gone again (item 8)
     missing.clear()
     asked = len(slicer.util.confirmations)
     logic.ensureDependencies()  # nothing missing: no question
@@ -350,6 +394,8 @@ def test_missing_packages_are_installed_only_after_asking(env, monkeypatch) -> N
 # --------------------------------------------------------------------------------------------- fine-tuning
 
 def test_export_training_cases_from_the_scene_leaves_nodes_untouched(env, tmp_path) -> None:
+    from Med3DLib import training_export
+
     slicer, _, logic = env
     image, labels, _ = make_ct_phantom((8, 10, 12), (3.0, 3.0, 3.0), seed=2)
     volume_node = add_volume(slicer, image, "phantom")
@@ -357,19 +403,38 @@ def test_export_training_cases_from_the_scene_leaves_nodes_untouched(env, tmp_pa
     segmentation_node = logic.segmentationFromLabels(lung, LUNG_LABELS, volume_node, "phantom lung")
     voxels = slicer.util.arrayFromVolume(volume_node).copy()
     modified = volume_node.modifiedCount
-    table = logic.exportTrainingCases("lung", [(volume_node, segmentation_node)], str(tmp_path))
+    pairs = training_export.training_pairs("lung", [segmentation_node])
+    assert pairs == [(volume_node, segmentation_node)]  # the segmentation's own reference volume
+    table = training_export.export_training_cases("lung", pairs, str(tmp_path))
     exported = read_volume(tmp_path / "labels" / "case_000.nii.gz")
     np.testing.assert_array_equal(exported.array, lung.array)
-    assert exported.same_geometry(image)
+    assert exported.same_geometry(image) and Path(table).is_file()
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume_node), voxels)
     assert volume_node.modifiedCount == modified
-    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Nodule malignant")
-    roi_node.SetCenter(1.0, 2.0, 3.0)
-    roi_node.SetSize(10, 10, 10)
-    nodule_table = logic.exportTrainingCases("nodule", [(volume_node, roi_node)], str(tmp_path / "n"))
-    text = Path(nodule_table).read_text()
-    assert "malignant" in text and "-1.0000,-2.0000,3.0000,10.0000,10.0000,10.0000" in text
-    assert Path(table).is_file()
+
+
+def test_each_nodule_roi_is_exported_with_the_scan_it_marks(env, tmp_path) -> None:
+    """Item 6: every checked ROI used to be paired with the current input volume, whatever scan it was drawn on."""
+    from Med3DLib import training_export
+
+    slicer, _, logic = env
+    first = add_volume(slicer, Volume(np.full((10, 10, 10), -700, np.int16), origin=(0.0, 0.0, 0.0)), "first")
+    second = add_volume(slicer, Volume(np.full((10, 10, 10), 100, np.int16), origin=(0.0, 0.0, 500.0)), "second")
+    in_second = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Nodule 1 malignant")
+    in_second.SetCenter(-4.0, -4.0, 504.0)  # RAS: inside the second scan only
+    in_second.SetSize(4, 4, 4)
+    remembered = logic.createRoiAtCursor(4.0, first)  # drawn while the first scan was the input
+    remembered.SetName("Nodule 2 benign")
+    pairs = training_export.training_pairs("nodule", [in_second, remembered], inputVolume=first)
+    assert pairs == [(second, in_second), (first, remembered)]
+    table = Path(training_export.export_training_cases("nodule", pairs, str(tmp_path)))
+    rows = table.read_text().splitlines()[1:]
+    images = {row.split(",")[1]: read_volume(tmp_path / row.split(",")[0]) for row in rows}
+    assert images["malignant"].array.max() == 100 and images["benign"].array.max() == -700
+    overlapping = add_volume(slicer, Volume(np.zeros((10, 10, 10), np.int16), origin=(0.0, 0.0, 500.0)), "copy")
+    assert overlapping is not None
+    with pytest.raises(Med3DError, match="lies inside several volumes \\(second, copy\\)"):
+        training_export.training_pairs("nodule", [in_second])
 
 
 FAKE_ENGINE = """
@@ -386,24 +451,54 @@ print(json.dumps({"kind": "result", "stage": "finetune", "model": "x"}), flush=T
 """
 
 
-def test_finetune_run_reports_plots_and_fails_clearly(env, tmp_path, monkeypatch) -> None:
+def test_finetune_job_reports_plots_and_fails_clearly(env, tmp_path) -> None:
     """The run machinery with a FAKE engine script in place of ``med3d finetune`` (same JSON-lines protocol)."""
+    from Med3DLib import jobs, training_export
+
     slicer, med3d, logic = env
     script = tmp_path / "fake_engine.py"
     script.write_text(FAKE_ENGINE)
-    run = med3d.FinetuneRun([sys.executable, str(script)], str(tmp_path / "new.pt"), str(tmp_path)).start()
-    assert run.wait(60) == 0
+    run = jobs.FinetuneJob([sys.executable, str(script)], str(tmp_path / "new.pt"), None)
+    run.lossPlot = training_export.LossPlot()
+    run.on_progress = lambda running: running.lossPlot.update(running.state.losses)
+    assert run.start().wait(60) == 0
     assert run.state.losses == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
     assert run.state.result["model"] == "x" and run.failure() is None
-    chart = run.plotChartNode
-    series = slicer.mrmlScene.GetNodeByID(chart.seriesIDs[0])
+    series = slicer.mrmlScene.GetNodeByID(run.lossPlot.chartNode.seriesIDs[0])
     table = slicer.mrmlScene.GetNodeByID(series.tableNodeID).GetTable()
     assert (series.xColumn, series.yColumn) == ("step", "loss")
     assert [table.GetValue(r, 1).ToDouble() for r in range(table.GetNumberOfRows())] == \
         pytest.approx([1.0, 0.5, 1 / 3])
-    failing = med3d.FinetuneRun([sys.executable, str(script), "--fail"], "x", str(tmp_path)).start()
+    failing = jobs.FinetuneJob([sys.executable, str(script), "--fail"], "x", None).start()
     failing.wait(60)
-    assert failing.failure() == "fine-tuning failed with exit code 2: med3d finetune: error: out of memory"
+    assert failing.failure() == "out of memory"  # the engine's own one-line message
+
+
+def test_finetune_from_the_scene_deletes_its_exported_cases(env, tmp_path, monkeypatch) -> None:
+    """Item 8: the work folder with the exported training CTs is deleted when the run ends (and on cancel)."""
+    slicer, _, logic = env
+    image, labels, _ = make_ct_phantom((8, 10, 12), (3.0, 3.0, 3.0), seed=2)
+    volume_node = add_volume(slicer, image, "phantom")
+    lung = labels.with_array((labels.array == 1).astype(np.uint8))
+    pairs = [(volume_node, logic.segmentationFromLabels(lung, LUNG_LABELS, volume_node, "phantom lung"))]
+    script = tmp_path / "fake_engine.py"
+    script.write_text(FAKE_ENGINE)
+    seen = []
+
+    def fake_command(python, task, data, *args, **kwargs):  # the FAKE engine, shown the exported table
+        seen.append(Path(data))
+        return [sys.executable, str(script)]
+
+    monkeypatch.setattr("Med3DLib.finetune_job.finetune_command", fake_command)
+    run = logic.finetune("lung", pairs=pairs, newModelName="fresh", epochs=1)
+    assert seen[0].is_file() and seen[0].name == "cases.csv"
+    run.wait(60)
+    assert not seen[0].parent.exists()
+    cancelled = logic.finetune("lung", pairs=pairs, newModelName="fresh2", epochs=1)
+    cancelled.cancel()
+    from Med3DLib import jobs
+
+    assert not seen[1].parent.exists() and not list(jobs._LIVE)
 
 
 def test_finetune_refuses_an_existing_name_and_no_data(env, model_folder) -> None:

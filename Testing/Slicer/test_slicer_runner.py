@@ -126,3 +126,47 @@ def test_engine_environment_lets_a_bare_child_python_import_med3dcore() -> None:
     with_env = subprocess.run(command, env=runner.engine_environment(base), capture_output=True, text=True)
     assert with_env.returncode == 0, with_env.stderr
     assert Path(with_env.stdout.strip()).resolve() == Path(med3dcore.__file__).resolve()
+
+
+def test_windows_children_get_no_console_window_and_their_own_group() -> None:
+    """Item 3: on Windows a console program started from Slicer opened a console window for the whole run
+    (closing it killed the run); the child and taskkill are started with CREATE_NO_WINDOW (and hidden, as
+    Slicer's own launchConsoleProcess does), in a new process group so that /T reaches the whole tree."""
+    options = runner.popen_options("win32")
+    assert options["creationflags"] & runner.CREATE_NO_WINDOW == 0x08000000
+    assert options["creationflags"] & runner.CREATE_NEW_PROCESS_GROUP == 0x00000200
+    if sys.platform == "win32":  # STARTUPINFO exists on Windows only
+        assert options["startupinfo"].wShowWindow == 0
+    assert runner.kill_tree_command(1234) == ["taskkill", "/F", "/T", "/PID", "1234"]
+    assert runner.popen_options("linux") == {"start_new_session": True}
+    assert runner.popen_options("darwin") == {"start_new_session": True}
+
+
+def test_windows_options_are_what_popen_and_taskkill_get(monkeypatch) -> None:
+    """The options above reach both subprocess calls (recorded, with sys.platform set to win32)."""
+    calls = []
+
+    class Recorded:
+        pid, returncode = 4321, None
+
+        def __init__(self, command, **kwargs):
+            calls.append(("Popen", command[0], kwargs.get("creationflags")))
+            self.stdout = self.stderr = None
+
+        def poll(self):
+            return self.returncode
+
+        def wait(self, timeout=None):
+            self.returncode = 1
+            return 1
+
+    monkeypatch.setattr(runner.sys, "platform", "win32")
+    monkeypatch.setattr(runner.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: calls.append(
+        ("run", command[0], kwargs.get("creationflags"))))
+    monkeypatch.setattr(runner.threading, "Thread", lambda **kwargs: type("T", (), {
+        "start": lambda self: None, "join": lambda self, t=None: None, "is_alive": lambda self: False})())
+    process = runner.BackgroundProcess(["PythonSlicer", "-m", "med3dcore.cli"]).start()
+    process.cancel()
+    flags = runner.CREATE_NEW_PROCESS_GROUP | runner.CREATE_NO_WINDOW
+    assert calls == [("Popen", "PythonSlicer", flags), ("run", "taskkill", flags)]

@@ -1,215 +1,33 @@
-"""Med3DWidget's slots against the Slicer double, with stand-ins for the widgets of Med3D.ui: model lists and
-explanations, Apply turning into Cancel, results in the panel and a table, the fine-tuning timer, and the
-panel's state across re-binding (enter, scene close and load) and in-process runs (only Cancel enabled, a
-scene close cancels)."""
+"""The Med3D panel as Slicer builds it (``setup()`` from Med3D.ui) in the double's 5.8 and 5.10 modes: model and
+device lists, the binding across module switches and scene changes, and segmentation, classification and
+fine-tuning running in background processes while the event loop keeps going."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from bundles import LUNG_LABELS, NODULE_LABELS, constant_output_bundle
-from med3dcore.errors import Med3DError
+from conftest import run_events
 from med3dcore.volume import Volume
 
-ROOT = Path(__file__).resolve().parents[2]
-UI = ROOT / "Med3DSlicer" / "Resources" / "UI" / "Med3D.ui"
-
 
 @pytest.fixture(scope="module")
-def nodule_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("widget-models")
-    constant_output_bundle(folder / "nodule.pt", {"type": "classifier", "num_classes": 2}, [0.0, math.log(3.0)],
-                           {"type": "classification", "name": "nodule"}, NODULE_LABELS, preprocessing={},
-                           extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
-    return folder
-
-
-@pytest.fixture()
-def widget(slicer_double, nodule_model, monkeypatch):
-    """Med3DWidget as ``setup()`` leaves it, with widget stand-ins built from Med3D.ui."""
-    import slicer_double as double
-
-    monkeypatch.setenv("MED3D_MODELS", str(nodule_model))
-    slicer, med3d = slicer_double
-    panel = med3d.Med3DWidget(None)
-    panel.ui = double.widgets_from_ui(str(UI))
-    panel.logic = med3d.Med3DLogic()
-    panel.logic.progressCallback = panel.onProgress
-    panel.fillDeviceList()
-    panel.initializeParameterNode()
-    panel.updateModelList()
-    return slicer, med3d, panel
-
-
-def test_model_list_follows_the_task_and_explains_an_empty_list(widget) -> None:
-    slicer, _, panel = widget
-    assert panel.ui.taskComboBox.currentText == "Lung segmentation"
-    assert panel.ui.modelComboBox.items == []
-    assert "No lung segmentation model is in" in panel.ui.modelInfoLabel.text
-    assert "Add model file" in panel.ui.modelInfoLabel.text
-    assert not panel.ui.roiSelector.enabled and not panel.ui.trainingROIsSelector.visible
-    panel.ui.taskComboBox.setCurrentText("Nodule classification")
-    panel.updateModelList()
-    assert [text for text, _ in panel.ui.modelComboBox.items] == ["nodule"]
-    assert panel.ui.modelInfoLabel.text == ""
-    assert panel._parameterNode.modelPath.endswith("nodule.pt")
-    assert panel.ui.roiSelector.enabled and panel.ui.trainingROIsSelector.visible
-    assert [text for text, _ in panel.ui.startModelComboBox.items] == ["(from scratch)", "nodule"]
-
-
-def test_binding_the_parameter_node_keeps_the_panel_consistent(widget) -> None:
-    """Binding refills the task list (its index passes through -1, which reaches the connected slot) and sets
-    the spin boxes' ranges from the parameters' validators, as Slicer's GUI connectors do."""
-    _, _, panel = widget
-    panel.ui.taskComboBox.connect("currentIndexChanged(int)", panel.updateModelList)  # as setup() does
-    panel._parameterNode.task = "Nodule classification"
-    panel.setParameterNode(panel.logic.getParameterNode())  # e.g. after a scene close
-    assert panel.ui.taskComboBox.currentText == "Nodule classification"
-    assert [text for text, _ in panel.ui.modelComboBox.items] == ["nodule"]
-    assert (panel.ui.epochsSpinBox.minimum, panel.ui.epochsSpinBox.maximum) == (1, 10000)
-    assert panel.ui.learningRateSpinBox.minimum > 0 and panel.ui.learningRateSpinBox.maximum == 1.0
-
-
-def test_device_list_says_why_there_is_no_gpu(widget) -> None:
-    _, _, panel = widget
-    labels = [text for text, _ in panel.ui.deviceComboBox.items]
-    if torch.cuda.is_available():
-        assert labels[2].startswith("GPU (")
-    else:
-        assert labels == ["auto", "CPU"]
-        assert "CPU-only build" in panel.ui.deviceInfoLabel.text or "No GPU visible" in panel.ui.deviceInfoLabel.text
-    panel.onDeviceChosen(1)
-    assert panel._parameterNode.device == "cpu"
-
-
-def _classify_in_panel(slicer, panel, value: int, name: str) -> None:
-    """Apply nodule classification to a constant volume (``value`` HU) with a 10 mm ROI in it."""
-    from Med3DLib import geometry
-
-    volume = Volume(np.full((20, 30, 30), value, np.int16), spacing=(1.0, 1.0, 2.0))
-    array, matrix = geometry.node_data_from_volume(volume)
-    node = slicer.util.addVolumeFromArray(array, matrix, name)
-    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "n")
-    roi_node.SetCenter(-15.0, -15.0, 20.0)
-    roi_node.SetSize(10, 10, 10)
-    panel.ui.taskComboBox.setCurrentText("Nodule classification")
-    panel.updateModelList()
-    parameters = panel._parameterNode
-    parameters.inputVolume, parameters.roi, parameters.device = node, roi_node, "cpu"
-    panel.onApply()
-
-
-def test_apply_classifies_and_shows_the_result(widget) -> None:
-    slicer, med3d, panel = widget
-    _classify_in_panel(slicer, panel, -700, "ct")
-    assert panel.ui.resultsLabel.text == "benign: 0.25  malignant: 0.75  ->  malignant"
-    assert slicer.app.applicationLogic().GetSelectionNode().activeTableID == panel.logic.lastResultTable.GetID()
-    assert panel.ui.applyButton.text == "Apply" and not panel.ui.progressBar.visible and not panel._busy
-
-
-def test_apply_failure_is_shown_and_the_panel_reset(widget) -> None:
-    slicer, _, panel = widget
-    panel._parameterNode.inputVolume = None
-    with pytest.raises(Med3DError, match="no input volume"):
-        panel.onApply()
-    assert slicer.util.errors == ["Med3D failed. no input volume is selected; choose a CT volume in 'Input volume'"]
-    assert panel.ui.applyButton.text == "Apply" and not panel.ui.progressBar.visible
-
-
-def test_apply_while_busy_is_cancel(widget) -> None:
-    _, _, panel = widget
-    panel._busy = True
-    panel.onApply()
-    assert panel.logic.cancelRequested
-
-
-FAKE_ENGINE = """
-import json, sys
-for step in (1, 2):
-    print(json.dumps({"kind": "progress", "stage": "finetune", "step": step, "total": 2,
-                      "metrics": {"loss": 1.0 / step}}), flush=True)
-"""
-
-
-def test_fine_tuning_timer_updates_the_panel_until_done(widget, tmp_path) -> None:
-    """The timer slot with a background run of a FAKE engine script (same JSON-lines protocol)."""
-    slicer, med3d, panel = widget
-    script = tmp_path / "fake_engine.py"
-    script.write_text(FAKE_ENGINE)
-    panel._run = med3d.FinetuneRun([sys.executable, str(script)], str(tmp_path / "new.pt"), str(tmp_path)).start()
-    panel._timer.start()
-    for _ in range(400):
-        panel.onTimer()
-        if not panel._timer.active:
-            break
-        time.sleep(0.05)
-    assert not panel._timer.active
-    assert panel.ui.finetuneStatusLabel.text == f"Saved the new model as {tmp_path / 'new.pt'}"
-    assert panel.ui.finetuneButton.text == "Start fine-tuning" and not panel.ui.resumeButton.enabled
-    assert slicer.modules.plots.logic().shown == [panel._run.plotChartNode]  # shown once, not on every tick
-
-
-def test_cancel_then_resume_is_offered(widget, tmp_path) -> None:
-    slicer, med3d, panel = widget
-    script = tmp_path / "slow_engine.py"
-    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
-    panel._run = med3d.FinetuneRun([sys.executable, str(script)], str(tmp_path / "new.pt"), str(tmp_path)).start()
-    panel._timer.start()
-    panel.onFinetune()  # the button reads "Cancel" while the run goes on
-    for _ in range(100):
-        panel.onTimer()
-        if not panel._timer.active:
-            break
-        time.sleep(0.05)
-    assert panel._run.process.cancelled and not panel._run.process.running
-    assert panel.ui.finetuneStatusLabel.text.startswith("Cancelled.")
-    assert panel.ui.resumeButton.enabled and slicer.util.errors == []
-
-
-def test_engine_warnings_reach_the_panel(widget, monkeypatch) -> None:
-    """An MR volume given to a CT model: the engine's warning is shown under the result."""
-    slicer, med3d, panel = widget
-    _classify_in_panel(slicer, panel, 300, "mr")  # no air: not CT-like
-    lines = panel.ui.resultsLabel.text.splitlines()
-    assert lines[0].endswith("->  malignant")
-    assert len(lines) >= 2 and lines[1].startswith("Warning: ")
-
-
-# ---------------------------------------------------------------------- panel state across binding and runs
-
-INPUT_WIDGETS = ("inputVolumeSelector", "taskComboBox", "modelComboBox", "addModelButton", "roiSelector",
-                 "createRoiButton", "deviceComboBox", "finetuneCollapsibleButton")
-
-
-def connect_as_setup(panel) -> None:
-    """The combo-box connections ``setup()`` makes (the fixture builds the panel without ``setup()``)."""
-    panel.ui.taskComboBox.connect("currentIndexChanged(int)", panel.updateModelList)
-    panel.ui.modelComboBox.connect("currentIndexChanged(int)", panel.onModelChosen)
-    panel.ui.deviceComboBox.connect("currentIndexChanged(int)", panel.onDeviceChosen)
-
-
-def close_scene(slicer, panel) -> None:
-    """What Slicer does on File > Close Scene while the module is shown: the close events around the clear."""
-    panel.onSceneStartClose(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent)
-    slicer.mrmlScene.Clear()
-    panel.onSceneEndClose(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent)
-
-
-@pytest.fixture(scope="module")
-def lung_and_two_nodule_models(nodule_model, tmp_path_factory) -> Path:
+def model_files(tmp_path_factory) -> Path:
     from med3dcore.preprocess import PreprocessSpec
 
-    folder = tmp_path_factory.mktemp("state-models")
-    for name in ("nodule-a.pt", "nodule-b.pt"):
-        shutil.copyfile(nodule_model / "nodule.pt", folder / name)
+    folder = tmp_path_factory.mktemp("panel-models")
+    constant_output_bundle(folder / "nodule-a.pt", {"type": "classifier", "num_classes": 2}, [0.0, math.log(3.0)],
+                           {"type": "classification", "name": "nodule"}, NODULE_LABELS, preprocessing={},
+                           extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
+    shutil.copyfile(folder / "nodule-a.pt", folder / "nodule-b.pt")
     constant_output_bundle(folder / "lung.pt", {"type": "lung_decoder", "num_classes": 2, "channels": [8, 8, 8]},
                            [-5.0, 5.0], {"type": "segmentation", "name": "lung"}, LUNG_LABELS,
                            preprocessing=PreprocessSpec(spacing=(6.0, 6.0, 6.0), window=(-1000.0, 400.0),
@@ -218,135 +36,316 @@ def lung_and_two_nodule_models(nodule_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def state_widget(widget, lung_and_two_nodule_models, monkeypatch):
-    """The panel wired as ``setup()`` wires it (its slots before the binding's), shown, with a lung and two
-    nodule models."""
-    slicer, med3d, panel = widget
-    monkeypatch.setenv("MED3D_MODELS", str(lung_and_two_nodule_models))
-    panel.setParameterNode(None)
-    connect_as_setup(panel)
-    panel.parent = types.SimpleNamespace(isEntered=True)
-    panel.initializeParameterNode()
-    return slicer, med3d, panel
+def with_models(panel, model_files, models_dir):
+    slicer, med3d, widget = panel
+    for path in model_files.iterdir():
+        shutil.copyfile(path, models_dir / path.name)
+    widget.updateModelList()
+    return slicer, med3d, widget
 
 
-def test_model_choice_survives_leaving_and_entering_the_module(state_widget, lung_and_two_nodule_models) -> None:
-    """Binding on enter() empties and refills the task list, which refills the model list: the user's model
-    (kept in the parameter node) must be chosen again afterwards, not the task's first model."""
-    _, _, panel = state_widget
-    panel.ui.taskComboBox.setCurrentText("Nodule classification")
-    assert [text for text, _ in panel.ui.modelComboBox.items] == ["nodule-a", "nodule-b"]
-    panel.ui.modelComboBox.setCurrentIndex(1)  # the user picks the second model
-    chosen = str(lung_and_two_nodule_models / "nodule-b.pt")
-    assert panel._parameterNode.modelPath == chosen
-    panel.exit()
-    panel.enter()
-    assert panel.ui.taskComboBox.currentText == "Nodule classification"
-    assert panel.ui.modelComboBox.currentText == "nodule-b" and panel._parameterNode.modelPath == chosen
-    panel.updateModelList()  # e.g. after a fine-tuning run or 'Add model file...'
-    assert panel.ui.modelComboBox.currentText == "nodule-b" and panel._parameterNode.modelPath == chosen
-    panel.ui.taskComboBox.setCurrentText("Lung segmentation")  # another task: its first model
-    assert panel._parameterNode.modelPath == str(lung_and_two_nodule_models / "lung.pt")
+def choose_task(widget, title: str) -> None:
+    widget.ui.taskComboBox.currentIndex = widget.ui.taskComboBox.findText(title)  # as a user's click
 
 
-def test_choosing_another_task_sticks(state_widget) -> None:
-    """In Slicer the panel's task slot runs before the binding's, which writes the task parameter: a model
-    written first modifies the node, and the binding would then show the parameter's old task again."""
-    _, _, panel = state_widget
-    assert panel._parameterNode.task == "Lung segmentation" and panel._parameterNode.modelPath.endswith("lung.pt")
-    panel.ui.taskComboBox.setCurrentText("Nodule classification")
-    assert panel.ui.taskComboBox.currentText == panel._parameterNode.task == "Nodule classification"
-    assert [text for text, _ in panel.ui.modelComboBox.items] == ["nodule-a", "nodule-b"]
-    assert panel._parameterNode.modelPath.endswith("nodule-a.pt")
-
-
-def test_device_choice_is_restored_from_the_parameter_node(state_widget) -> None:
-    slicer, _, panel = state_widget
-    panel.ui.deviceComboBox.setCurrentIndex(1)  # CPU
-    assert panel._parameterNode.device == "cpu"
-    close_scene(slicer, panel)  # a new scene: its parameter node says "auto", and so must the panel
-    assert panel._parameterNode.device == "auto" and panel.ui.deviceComboBox.currentData == "auto"
-    panel._parameterNode.device = "cpu"  # a loaded scene (.mrb) saved with CPU chosen
-    panel.onSceneEndImport(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent)
-    assert panel.ui.deviceComboBox.currentData == "cpu"
-    panel.exit()
-    panel._parameterNode.device = "auto"
-    panel.enter()
-    assert panel.ui.deviceComboBox.currentData == "auto"
-    panel._parameterNode.device = "cuda:7"  # saved on a machine with a GPU this one lacks: auto, shown and used
-    panel.enter()
-    assert panel.ui.deviceComboBox.currentData == "auto" and panel._parameterNode.device == "auto"
-
-
-def enabled_states(panel) -> dict:
-    return {name: getattr(panel.ui, name).enabled for name in INPUT_WIDGETS + ("applyButton",)}
-
-
-def start_lung_run(slicer, panel):
-    volume = Volume(np.full((24, 40, 40), -700, np.int16), spacing=(2.0, 2.0, 3.0))
+def add_ct(slicer, value: int = -700, shape=(20, 30, 30), name: str = "ct"):
     from Med3DLib import geometry
 
-    array, matrix = geometry.node_data_from_volume(volume)
-    parameters = panel._parameterNode
-    parameters.inputVolume = slicer.util.addVolumeFromArray(array, matrix, "ct")
-    parameters.device = "cpu"
+    array, matrix = geometry.node_data_from_volume(Volume(np.full(shape, value, np.int16), spacing=(1.0, 1.0, 2.0)))
+    return slicer.util.addVolumeFromArray(array, matrix, name)
 
 
-def test_only_cancel_is_enabled_while_inference_runs(state_widget, monkeypatch) -> None:
-    """onProgress lets Qt process events (for Cancel): no other input may be used meanwhile, and the panel
-    comes back as it was afterwards, after a failure too."""
-    slicer, _, panel = state_widget
-    start_lung_run(slicer, panel)
-    before = enabled_states(panel)
-    assert all(before[name] for name in before if name not in ("roiSelector", "createRoiButton"))
-    during = []
-    monkeypatch.setattr(slicer.app, "processEvents",
-                        lambda: during.append((enabled_states(panel), panel.ui.applyButton.text)))
-    panel.onApply()
-    assert panel.ui.resultsLabel.text == "Created 'ct lung'"
-    assert during and all(text == "Cancel" for _, text in during)
-    assert all(states == dict.fromkeys(INPUT_WIDGETS, False) | {"applyButton": True} for states, _ in during)
-    assert enabled_states(panel) == before and panel.ui.applyButton.text == "Apply"
-
-    def fail() -> None:
-        raise RuntimeError("out of memory")
-
-    monkeypatch.setattr(slicer.app, "processEvents", fail)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        panel.onApply()
-    assert enabled_states(panel) == before and panel.ui.applyButton.text == "Apply" and not panel._busy
-    panel.ui.taskComboBox.setCurrentText("Nodule classification")  # the ROI inputs follow the task again
-    assert panel.ui.roiSelector.enabled and panel.ui.createRoiButton.enabled
+def med3d_folders() -> set:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("Med3D-*")}
 
 
-def test_closing_the_scene_during_inference_cancels_it_cleanly(state_widget, monkeypatch) -> None:
-    """In Slicer the close runs inside processEvents() during the run: the run must stop without a result in
-    the new scene or an error message, and the panel be bound to the new scene's parameter node."""
-    slicer, _, panel = state_widget
-    start_lung_run(slicer, panel)
-    before = enabled_states(panel)
-    closes = []
+# ------------------------------------------------------------------------------------------------ lists
 
-    def process_events() -> None:
-        if not closes:
-            closes.append(True)
-            close_scene(slicer, panel)
-
-    monkeypatch.setattr(slicer.app, "processEvents", process_events)
-    panel.onApply()
-    assert closes and slicer.util.errors == []
-    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode") == []
-    assert panel.ui.statusLabel.text == "Cancelled." and panel.ui.resultsLabel.text == ""
-    assert enabled_states(panel) == before and panel.ui.applyButton.text == "Apply"
-    assert not panel._busy and not panel.logic.cancelRequested and not panel.ui.progressBar.visible
-    assert panel._parameterNode is not None and panel._parameterNode.parameterNode.scene is slicer.mrmlScene
+def test_setup_builds_the_panel_and_offers_the_classical_lung_method(panel) -> None:
+    slicer, _, widget = panel
+    assert widget.ui.taskComboBox.currentText == "Lung segmentation"
+    assert widget.ui.modelComboBox.items == [("Classical lung method (threshold, no weights)", "classical")]
+    assert widget._parameterNode.modelPath == "classical"
+    assert "the classical method" in widget.ui.modelInfoLabel.text
+    assert not widget.ui.roiSelector.enabled and not widget.ui.trainingROIsSelector.visible
+    assert [data for _, data in widget.ui.deviceComboBox.items][:2] == ["auto", "cpu"]
+    assert widget.ui.deviceInfoLabel.text and "Looking" not in widget.ui.deviceInfoLabel.text
+    choose_task(widget, "Liver segmentation")
+    assert widget.ui.modelComboBox.items == [] and "No liver segmentation model is in" in widget.ui.modelInfoLabel.text
 
 
-def test_cancel_button_stops_the_run_without_an_error_message(state_widget, monkeypatch) -> None:
-    slicer, _, panel = state_widget
-    start_lung_run(slicer, panel)
-    monkeypatch.setattr(slicer.app, "processEvents", panel.onApply)  # Apply, now Cancel, clicked during the run
-    panel.onApply()
-    assert slicer.util.errors == [] and panel.ui.statusLabel.text == "Cancelled."
-    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode") == []
-    assert panel.ui.applyButton.text == "Apply" and not panel._busy and not panel.logic.cancelRequested
+def test_task_and_model_survive_leaving_and_entering_the_module(with_models, models_dir) -> None:
+    """Item 2: in Slicer 5.8 every enter() left the previous binding connected (connectGui returned None), and
+    the stale link reset the task to lung and the model to the first one."""
+    slicer, _, widget = with_models
+    choose_task(widget, "Nodule classification")
+    assert [text for text, _ in widget.ui.modelComboBox.items] == ["nodule-a", "nodule-b"]
+    widget.ui.modelComboBox.currentIndex = 1  # the user picks the second model
+    chosen = str(models_dir / "nodule-b.pt")
+    for _ in range(3):
+        slicer.util.selectModule("Data")
+        slicer.util.selectModule("Med3D")
+    assert widget.ui.taskComboBox.currentText == widget._parameterNode.task == "Nodule classification"
+    assert widget.ui.modelComboBox.currentText == "nodule-b" and widget._parameterNode.modelPath == chosen
+    assert len(widget.ui.taskComboBox.currentIndexChanged.slots) == 1  # one live link, not one per enter()
+    choose_task(widget, "Lung segmentation")  # and the task still follows the user
+    assert widget._parameterNode.task == "Lung segmentation"
+    assert [text for text, _ in widget.ui.modelComboBox.items] == ["lung", "Classical lung method (threshold, no weights)"]
+    assert widget._parameterNode.modelPath == str(models_dir / "lung.pt")
+
+
+def test_a_new_scene_rebinds_once_and_shows_its_parameters(with_models) -> None:
+    slicer, _, widget = with_models
+    choose_task(widget, "Nodule classification")
+    widget.ui.deviceComboBox.currentIndex = 1  # CPU
+    slicer.mrmlScene.Clear(0)  # File > Close Scene: a reset parameter node
+    assert widget._parameterNode.task == "Lung segmentation" and widget.ui.taskComboBox.currentText == "Lung segmentation"
+    assert widget.ui.deviceComboBox.itemData(widget.ui.deviceComboBox.currentIndex) == "auto"
+    assert len(widget.ui.taskComboBox.currentIndexChanged.slots) == 1
+    choose_task(widget, "Nodule classification")
+    assert widget._parameterNode.task == "Nodule classification"
+
+
+def test_switching_tasks_reads_no_model_file_again(with_models, models_dir) -> None:
+    """Item 4: the model list used to load every checkpoint on every task switch; headers are cached."""
+    _, _, widget = with_models
+    reads = widget.logic.catalog.reads
+    for title in ("Nodule classification", "Liver segmentation", "Lung segmentation", "Nodule classification"):
+        choose_task(widget, title)
+    assert widget.logic.catalog.reads == reads
+    path = models_dir / "nodule-b.pt"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))  # the file changed
+    choose_task(widget, "Lung segmentation")
+    assert widget.logic.catalog.reads == reads + 1
+
+
+def test_a_device_this_computer_lacks_becomes_auto(panel) -> None:
+    slicer, _, widget = panel
+    widget.ui.deviceComboBox.currentIndex = 1
+    assert widget._parameterNode.device == "cpu"
+    widget._parameterNode.device = "cuda:7"  # a scene saved on another computer
+    widget.fillDeviceList()
+    assert widget._parameterNode.device == "auto"
+
+
+def test_training_folder_browses_folders_and_the_table_files(panel, tmp_path) -> None:
+    """Item 7: the folder field opened a file dialog (ctkPathLineEdit's default filters include files)."""
+    import double_qt
+
+    slicer, _, widget = panel
+    widget.ui.trainingFolderEdit.browse()
+    widget.ui.trainingTableEdit.browse()
+    assert double_qt.QFileDialog.opened == ["directory", "open file"]
+    assert widget.ui.trainingTableEdit.nameFilters == ["Training table (*.csv *.json)"]
+    from Med3DLib import panel as panel_lib
+
+    widget.ui.trainingFolderEdit.currentPath = str(tmp_path)
+    assert panel_lib.training_source(widget.ui) == str(tmp_path)
+    widget.ui.trainingTableEdit.currentPath = str(tmp_path / "cases.csv")
+    assert panel_lib.training_source(widget.ui) == str(tmp_path / "cases.csv")
+
+
+# ---------------------------------------------------------------------------------- background inference
+
+def test_segmentation_runs_in_the_background_and_lands_in_the_inputs_study(panel, data_dir) -> None:
+    """Item 5: Apply starts a process and returns; the event loop keeps running (timers fire, the task can be
+    changed) while progress arrives; the result goes into the input's study; the work folder goes."""
+    slicer, _, widget = panel
+    node = slicer.util.loadVolume(str(data_dir / "ct" / "abdomen_ct_small.nii.gz"))
+    hierarchy = slicer.mrmlScene.subjectHierarchy
+    study = hierarchy.CreateStudyItem(hierarchy.CreatePatientItem(hierarchy.GetSceneItemID(), "patient"), "study")
+    hierarchy.SetItemParent(hierarchy.GetItemByDataNode(node), study)
+    widget._parameterNode.inputVolume, widget._parameterNode.device = node, "cpu"
+    folders = med3d_folders()
+    started = time.monotonic()
+    widget.ui.applyButton.click()
+    assert time.monotonic() - started < 5 and widget._job is not None and widget._job.running
+    assert widget.ui.applyButton.text == "Cancel" and widget.ui.progressBar.visible
+    ticks = []
+    import double_qt
+
+    double_qt.QTimer.singleShot(0, lambda: ticks.append("gui"))  # other GUI work while the job runs
+    choose_task(widget, "Liver segmentation")  # the panel stays usable; the run keeps its inputs
+    texts = set()
+    run_events(slicer, lambda: texts.add(widget.ui.statusLabel.text) or widget._job is None)
+    assert ticks == ["gui"] and len(texts) > 2  # progress was shown while it ran
+    assert widget.ui.statusLabel.text == "Done." and widget.ui.resultsLabel.text == "Created 'abdomen_ct_small lung'"
+    (result,) = slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")
+    segmentation = result.GetSegmentation()
+    assert [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName() for i in range(2)] == \
+        ["right lung", "left lung"]
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(result)) == study
+    assert med3d_folders() == folders and widget.ui.applyButton.text == "Apply"
+
+
+FAKE_ENGINE = """
+import json, os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(os.path.join(os.environ["FAKE_PIDS"], "pids"), "w").write(f"{os.getpid()} {child.pid}")
+print(json.dumps({"kind": "progress", "stage": "segment", "step": 1, "total": 10}), flush=True)
+time.sleep(120)
+"""
+
+
+def alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+@pytest.fixture()
+def slow_engine(tmp_path, monkeypatch):
+    """A FAKE engine (named so): prints one progress line, starts a grandchild, then sleeps; writes the pids."""
+    from Med3DLib import jobs
+
+    script = tmp_path / "fake_engine.py"
+    script.write_text(FAKE_ENGINE)
+    monkeypatch.setenv("FAKE_PIDS", str(tmp_path))
+    monkeypatch.setattr(jobs, "engine_command", lambda python, command: [sys.executable, str(script)])
+    return tmp_path / "pids"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="reads /proc")
+def test_cancel_kills_the_process_tree_and_adds_nothing(panel, slow_engine) -> None:
+    slicer, _, widget = panel
+    widget._parameterNode.inputVolume = add_ct(slicer)
+    folders, nodes = med3d_folders(), slicer.mrmlScene.GetNumberOfNodes()
+    widget.ui.applyButton.click()
+    run_events(slicer, lambda: slow_engine.exists() and widget.ui.progressBar.value == 10, 30)
+    pids = [int(p) for p in slow_engine.read_text().split()]
+    widget.ui.applyButton.click()  # Cancel
+    assert widget._job is None and widget.ui.statusLabel.text == "Cancelled." and slicer.util.errors == []
+    assert not any(alive(pid) for pid in pids)
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes and med3d_folders() == folders
+
+
+def test_closing_the_scene_during_a_run_cancels_it(panel, slow_engine) -> None:
+    slicer, _, widget = panel
+    widget._parameterNode.inputVolume = add_ct(slicer)
+    folders = med3d_folders()
+    widget.ui.applyButton.click()
+    run_events(slicer, slow_engine.exists, 30)
+    slicer.mrmlScene.Clear(0)
+    assert widget._job is None and widget.ui.statusLabel.text == "Cancelled." and med3d_folders() == folders
+    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode") == [] and slicer.util.errors == []
+    assert widget._parameterNode is not None and widget.ui.applyButton.text == "Apply"
+
+
+def test_reloading_the_module_during_a_run_stops_it_and_its_timer(panel, slow_engine) -> None:
+    """Items 5 and 11: cleanup() (module reload, Slicer exit) ends the run and stops the timer, so nothing
+    calls into the old panel afterwards."""
+    slicer, _, widget = panel
+    widget._parameterNode.inputVolume = add_ct(slicer)
+    widget.ui.applyButton.click()
+    run_events(slicer, slow_engine.exists, 30)
+    pids = [int(p) for p in slow_engine.read_text().split()]
+    calls = []
+    widget.onTimer = lambda: calls.append("old panel")
+    slicer.util.reloadScriptedModule("Med3D")
+    assert not widget._timer.isActive() and not any(alive(pid) for pid in pids)
+    time.sleep(0.3)
+    slicer.app.processEvents()
+    assert calls == []
+    new = slicer.util.getModuleWidget("Med3D")
+    assert new is not widget and new.ui.applyButton.text == "Apply"
+
+
+def test_cleanup_stops_the_timer(panel) -> None:
+    """Item 11: cleanup() (module reload, Slicer exit) left the run timer going, calling into a dead panel."""
+    slicer, _, widget = panel
+    widget._timer.start()
+    widget.cleanup()
+    assert not widget._timer.isActive()
+
+
+def test_deleting_the_input_during_a_run_adds_nothing_and_says_so(panel, data_dir) -> None:
+    slicer, _, widget = panel
+    node = slicer.util.loadVolume(str(data_dir / "ct" / "abdomen_ct_small.nii.gz"))
+    widget._parameterNode.inputVolume, widget._parameterNode.device = node, "cpu"
+    widget.ui.applyButton.click()
+    slicer.mrmlScene.RemoveNode(node)
+    run_events(slicer, lambda: widget._job is None)
+    assert widget.ui.statusLabel.text == ("Failed: the input volume 'abdomen_ct_small' was removed from the scene "
+                                          "during the run; nothing was added")
+    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode") == [] and len(slicer.util.errors) == 1
+
+
+def classify_in_panel(slicer, widget, value: int):
+    node = add_ct(slicer, value)
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "n")
+    roi_node.SetCenter(-15.0, -15.0, 20.0)
+    roi_node.SetSize(10, 10, 10)
+    choose_task(widget, "Nodule classification")
+    widget._parameterNode.inputVolume, widget._parameterNode.roi, widget._parameterNode.device = node, roi_node, "cpu"
+    widget.ui.applyButton.click()
+    run_events(slicer, lambda: widget._job is None)
+    return node, roi_node
+
+
+def test_classification_fills_a_table_beside_the_volume(with_models) -> None:
+    slicer, _, widget = with_models
+    node, roi_node = classify_in_panel(slicer, widget, -700)
+    assert widget.ui.resultsLabel.text == "benign: 0.25  malignant: 0.75  ->  malignant"
+    (table,) = slicer.mrmlScene.GetNodesByClass("vtkMRMLTableNode")
+    assert slicer.app.applicationLogic().GetSelectionNode().activeTableID == table.GetID()
+    rows = {table.GetTable().GetValue(r, 0).ToString(): table.GetTable().GetValue(r, 1).ToString()
+            for r in range(table.GetTable().GetNumberOfRows())}
+    assert rows["P(malignant)"] == "0.7500" and rows["ROI centre RAS (mm)"] == "-15.0, -15.0, 20.0"
+    hierarchy = slicer.mrmlScene.subjectHierarchy
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(table)) == \
+        hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node))
+    assert roi_node.GetNodeReference("Med3DVolume") is node  # the ROI now knows its scan (fine-tuning uses it)
+
+
+def test_engine_warnings_reach_the_panel(with_models) -> None:
+    """An MR-like volume given to a CT model: the engine's warning is shown under the result."""
+    slicer, _, widget = with_models
+    classify_in_panel(slicer, widget, 300)
+    lines = widget.ui.resultsLabel.text.splitlines()
+    assert lines[0].endswith("->  malignant") and lines[1].startswith("Warning: ")
+
+
+# ------------------------------------------------------------------------------------------- fine-tuning
+
+FAKE_FINETUNE = """
+import json, sys, time
+for step in (1, 2):
+    print(json.dumps({"kind": "progress", "stage": "finetune", "step": step, "total": 2,
+                      "metrics": {"loss": 1.0 / step}}), flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_fine_tuning_reports_plots_once_and_lists_the_new_model(panel, tmp_path) -> None:
+    """The panel's side of a run, with a FAKE engine script (same JSON-lines protocol) in place of
+    ``med3d finetune``; its work folder is deleted at the end (item 8)."""
+    from Med3DLib import jobs, training_export
+
+    slicer, _, widget = panel
+    script = tmp_path / "fake_finetune.py"
+    script.write_text(FAKE_FINETUNE)
+    work = Path(jobs.work_folder("finetune"))
+    (work / "images").mkdir()
+    run = jobs.FinetuneJob([sys.executable, str(script)], str(tmp_path / "new.pt"), str(work))
+    run.lossPlot = training_export.LossPlot()
+    run.on_progress = lambda running: running.lossPlot.update(running.state.losses)
+    widget._run = run.start()
+    widget._timer.start()
+    run_events(slicer, lambda: widget._run is None, 60)
+    assert widget.ui.finetuneStatusLabel.text == f"Saved the new model as {tmp_path / 'new.pt'}"
+    assert slicer.modules.plots.logic().shown == [run.lossPlot.chartNode]
+    assert not work.exists() and not widget.ui.resumeButton.enabled
+
+
+def test_cancelled_fine_tuning_offers_resume(panel, tmp_path) -> None:
+    from Med3DLib import jobs, training_export
+
+    slicer, _, widget = panel
+    script = tmp_path / "slow.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    widget._run = jobs.FinetuneJob([sys.executable, str(script)], str(tmp_path / "new.pt"), None).start()
+    widget._run.lossPlot = training_export.LossPlot()
+    widget._timer.start()
+    widget.ui.finetuneButton.click()  # reads "Cancel" while the run goes on
+    run_events(slicer, lambda: widget._run is None, 30)
+    assert widget.ui.finetuneStatusLabel.text.startswith("Cancelled.") and widget.ui.resumeButton.enabled
+    assert slicer.util.errors == []

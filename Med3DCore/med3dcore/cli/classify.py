@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 from typing import Any
 
 from ..devices import DEVICE_CHOICES
+from ..progress import PROGRESS_MODES, make_event, make_reporter
+from . import dump_json
 
 
 def add_parser(subparsers: Any) -> None:
@@ -26,6 +28,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--series-uid", help="DICOM series to read when the folder holds several")
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--progress", default="none", choices=PROGRESS_MODES,
+                   help="none (default), bar (terminal) or jsonl: one JSON object per line on stdout, progress "
+                        "events then a result event with every field of the result (as the Slicer module reads it)")
     p.set_defaults(func=run)
 
 
@@ -34,21 +39,30 @@ def run(args: argparse.Namespace) -> int:
     from ..nodules import parse_roi
     from ..volume import read_volume
 
+    reporter = make_reporter(args.progress)
     roi = None
     if args.roi is not None:
         values = parse_roi(args.roi)
         roi = (values[:3], values[3:])
+    reporter(make_event("classify", 0, 2, message="reading the scan"))
     volume = read_volume(args.input, series_uid=args.series_uid)
     mask = read_volume(args.mask) if args.mask else None
+    reporter(make_event("classify", 1, 2, message="classifying"))
     result = classify(volume, args.model, roi=roi, mask=mask, device=args.device)
-    if args.json:
-        print(json.dumps({"probabilities": result.probabilities, "predicted": result.predicted,
-                          "roi_center_lps": list(result.roi_center_lps), "roi_size_mm": list(result.roi_size_mm),
-                          "warnings": result.warnings}))
+    reporter(make_event("classify", 2, 2))
+    if args.progress == "jsonl":  # every field of the result, so new ones reach the reader unchanged
+        reporter(make_event("classify", kind="result", **dataclasses.asdict(result)))
+        return 0
+    if args.json:  # the same fields as the jsonl result event
+        print(dump_json(dataclasses.asdict(result)))
         return 0
     for warning in result.warnings:
         print(f"warning: {warning}")
     for name, p in result.probabilities.items():
         print(f"{name}: {p:.3f}")
+    if result.diameter_mm is not None:
+        print(f"nodule: {result.diameter_mm:.1f} mm equivalent-sphere diameter, {result.volume_ml:.3f} mL (from the mask)")
+    centre, size = result.roi_center_lps, result.roi_size_mm
+    print("box shown (LPS mm; give it back as --roi): --roi=" + ",".join(f"{v:.1f}" for v in (*centre, *size)))
     print(f"predicted: {result.predicted}")
     return 0

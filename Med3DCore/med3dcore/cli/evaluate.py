@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -12,6 +12,7 @@ import numpy as np
 from ..devices import DEVICE_CHOICES
 from ..errors import Med3DError
 from ..progress import PROGRESS_MODES, make_event, make_reporter
+from . import dump_json
 
 
 def add_parser(subparsers: Any) -> None:
@@ -42,13 +43,18 @@ def _segmentation_pairs(args: argparse.Namespace) -> List[Any]:
     if args.images:
         if not args.labels:
             raise Med3DError("--images needs --labels (the folder of reference label maps)")
-        entry = {"name": "evaluate", "images": str(Path(args.images).resolve()),
-                 "masks": str(Path(args.labels).resolve()), "labels": {1: "any"}}
+        entry = {"name": "evaluate", "images": os.path.realpath(args.images),  # realpath: never raises on a loop
+                 "masks": os.path.realpath(args.labels), "labels": {1: "any"}}
     elif args.csv:
-        entry = {"name": "evaluate", "csv": str(Path(args.csv).resolve()), "labels": {1: "any"}}
+        entry = {"name": "evaluate", "csv": os.path.realpath(args.csv), "labels": {1: "any"}}
     else:
         raise Med3DError("give the labelled cases: --csv FILE, or --images DIR --labels DIR")
-    return domain_from_dict(entry, Path.cwd()).cases
+    cases = domain_from_dict(entry, Path.cwd()).cases
+    same = [c for c in cases if os.path.realpath(c.image) == os.path.realpath(c.label)]
+    if same:
+        raise Med3DError(f"case {same[0].case_id}: the image and the reference label map are the same file "
+                         f"({same[0].image}); give the reference label map in the label column")
+    return cases
 
 
 def _label_map(text: Any) -> Dict[int, int]:
@@ -66,7 +72,7 @@ def _label_map(text: Any) -> Dict[int, int]:
 def evaluate_segmentation(args: argparse.Namespace, bundle: Any, reporter: Any) -> Dict[str, Any]:
     from ..infer import segment
     from ..metrics import dice_per_label
-    from ..volume import read_volume
+    from ..volume import as_label_map, read_volume
 
     mapping = _label_map(args.label_map)
     cases = _segmentation_pairs(args)
@@ -78,13 +84,15 @@ def evaluate_segmentation(args: argparse.Namespace, bundle: Any, reporter: Any) 
         if not reference.same_geometry(image, atol=1e-3):
             raise Med3DError(f"reference {case.label} does not lie on the grid of {case.image}; resample it onto "
                              "the image first")
-        truth = np.asarray(reference.array).astype(np.int64)
+        try:  # a reference of label -1 or 0.5 is not a label map: never silently scored (as Dice 1.0)
+            truth = np.asarray(as_label_map(reference).array).astype(np.int64)
+        except Med3DError as exc:
+            raise Med3DError(f"reference {case.label}: {exc}") from None
         if mapping:
-            lut = np.zeros(int(truth.max()) + 1, np.int64)
+            mapped = np.zeros(truth.shape, np.int64)
             for source, target in mapping.items():
-                if source < len(lut):
-                    lut[source] = target
-            truth = lut[truth]
+                mapped[truth == source] = target
+            truth = mapped
         predicted = segment(image, bundle, device=args.device).labels.array
         scores = dice_per_label(predicted, truth, sorted(names))
         rows.append({"case": case.case_id, "dice": {names[v]: s for v, s in scores.items()}})
@@ -129,6 +137,9 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
 def run(args: argparse.Namespace) -> int:
     from ..infer import load_model
 
+    if args.images and args.labels and os.path.realpath(args.images) == os.path.realpath(args.labels):
+        raise Med3DError("--images and --labels are the same folder, so every image would be scored against "
+                         "itself; give --labels the folder of reference label maps")
     bundle = load_model(args.model)
     kind = bundle.task.get("type")
     reporter = make_reporter(args.progress)
@@ -138,5 +149,5 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_classification(args, bundle, reporter)
     else:
         raise Med3DError(f"{args.model} is a '{kind}' model; evaluate takes segmentation or classification models")
-    print(json.dumps(result, indent=None if args.json else 2))
+    print(dump_json(result, indent=None if args.json else 2))
     return 0

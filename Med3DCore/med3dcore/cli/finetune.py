@@ -59,7 +59,10 @@ def add_parser(subparsers: Any) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--csv", help="table of cases (see above)")
     data.add_argument("--images", help="folder of images (segmentation; matched to --labels by file name)")
-    data.add_argument("--labels", help="folder of label maps, same names as the images")
+    data.add_argument("--labels", help="folder of label maps, same names as the images; or 'classical' (--task "
+                                       "lung): the classical lung method labels every image, no masks needed")
+    data.add_argument("--real-labels", help="with --labels classical: folder of real lung masks (same names as "
+                                            "their images) used instead of the classical labels where present")
     data.add_argument("--dataset", help="MSD-style dataset.json (segmentation)")
     data.add_argument("--label-map", help="segmentation: source:target label values, e.g. 5:1 (liver of a "
                                           "TotalSegmentator map -> 1); other values become background")
@@ -68,7 +71,8 @@ def add_parser(subparsers: Any) -> None:
     data.add_argument("--modality", default="CT", help="modality of the images (CT or MR; default CT)")
     model = p.add_argument_group("model")
     model.add_argument("--init", default="scratch",
-                       help="'scratch', a Med3D bundle (its encoder) or a MedicalNet .pth file (default scratch)")
+                       help="'scratch', a Med3D bundle (its encoder), a MedicalNet .pth file, or a catalog name such "
+                            "as medicalnet-resnet50 (see med3d models list; default scratch)")
     model.add_argument("--depth", type=int, default=None,
                        help="ResNet depth from scratch (default 10); with --init, the file's depth (checked)")
     model.add_argument("--shortcut", default=None, choices=("A", "B"),
@@ -81,7 +85,8 @@ def add_parser(subparsers: Any) -> None:
                        help="encoder learning rate (default 0.001 pretrained, 0.01 scratch)")
     train.add_argument("--head-lr", type=float, default=None,
                        help="learning rate of the new layers (default 10x --lr when pretrained, else --lr)")
-    train.add_argument("--val-fraction", type=float, default=0.2, help="share of patients held out (default 0.2)")
+    train.add_argument("--val-fraction", type=float, default=0.2,
+                       help="share of patients held out (default 0.2; 0: no validation, train on every case)")
     train.add_argument("--val-every", type=int, default=50, help="validate every N steps (best checkpoint kept)")
     train.add_argument("--patch", help="segmentation training patch K,J,I voxels (default 32,64,64)")
     train.add_argument("--spacing", help="segmentation voxel spacing I,J,K mm (default: preset or median)")
@@ -144,12 +149,18 @@ def run(args: argparse.Namespace) -> int:
     from ..nodules import NoduleInputSpec, read_nodule_table
 
     reporter = make_reporter(args.progress)
-    name = args.name or args.task
+    name = ft.check_run_name(args.name or args.task)  # before anything is read, written or removed
     backbone = {"depth": args.depth, "shortcut_type": args.shortcut, "preact": None}  # None: not asked
     freeze = tuple(p.strip() for p in args.freeze.split(",") if p.strip())
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise Med3DError(f"--val-fraction must be at least 0 and below 1 (e.g. 0.2; 0 = no validation), got "
+                         f"{args.val_fraction}")
     if args.task == "nodule":
         if not args.csv or args.images or args.dataset:
             raise Med3DError("--task nodule reads a --csv table (image, label, optional mask/roi/patient_id)")
+        if args.val_fraction == 0:
+            raise Med3DError("--val-fraction 0 (no validation) is for segmentation; nodule classification keeps the "
+                             "model that validates best, so give a fraction such as 0.2")
         settings = ft.ClassificationSettings(
             steps=args.steps or 300, batch_size=args.batch_size or 8, lr=args.lr, head_lr=args.head_lr,
             freeze=freeze, val_fraction=args.val_fraction, validate_every=args.val_every, seed=args.seed,
@@ -163,8 +174,30 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps or 200, batch_size=args.batch_size or 2, lr=args.lr, head_lr=args.head_lr, freeze=freeze,
         val_fraction=args.val_fraction, validate_every=args.val_every, patch=_numbers(args.patch, 3, "--patch", int),
         spacing=_numbers(args.spacing, 3, "--spacing"), seed=args.seed, device=args.device)
-    ft.finetune_segmentation(_domain(args), Path(args.out), name,
+    if args.real_labels and args.labels != "classical":
+        raise Med3DError("--real-labels goes with --labels classical; with a folder of masks give it as --labels")
+    domain, sources = _pseudo_domain(args, name, reporter) if args.labels == "classical" else (_domain(args), None)
+    ft.finetune_segmentation(domain, Path(args.out), name,
                              preset=args.task if args.task in ft.PRESETS else None, init=args.init,
                              backbone=backbone, settings=settings, groups=_segmentation_groups(args.csv),
-                             reporter=reporter, resume=args.resume, overwrite=args.overwrite)
+                             reporter=reporter, resume=args.resume, overwrite=args.overwrite,
+                             label_sources=sources)
     return 0
+
+
+def _pseudo_domain(args: argparse.Namespace, name: str, reporter: Any) -> Tuple[Any, Dict[str, str]]:
+    """--labels classical: the lung domain of --images with classical labels (real ones from --real-labels)."""
+    from ..pseudo_labels import classical_lung_domain
+
+    if args.task != "lung":
+        raise Med3DError(f"--labels classical makes lung labels; use it with --task lung, not --task {args.task}")
+    if not args.images or args.csv or args.dataset:
+        raise Med3DError("--labels classical labels the scans of an --images folder; give --images DIR")
+    label_map = None
+    if args.label_map:
+        try:
+            label_map = {k: int(v) for k, v in _pairs(args.label_map, "--label-map").items()}
+        except ValueError:
+            raise Med3DError(f"--label-map targets must be integers, got {args.label_map!r}") from None
+    return classical_lung_domain(Path(args.images), Path(args.out) / name, name, real_labels=args.real_labels,
+                                 label_map=label_map, reporter=reporter)

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Dict, List
 
-from ..weights import describe_architecture, inspect_file
+from . import dump_json, printable
 
 
 def add_parser(subparsers: Any) -> None:
@@ -24,7 +23,10 @@ def _millions(count: int) -> str:
 
 def format_info(info: Dict[str, Any]) -> str:
     """The human-readable report of :func:`inspect_file`'s dict."""
-    kinds = {"medicalnet": "MedicalNet backbone", "med3d-bundle": "Med3D model", "state_dict": "bare state dict"}
+    from ..weights import describe_architecture
+
+    kinds = {"medicalnet": "MedicalNet backbone", "med3d-bundle": "Med3D model", "state_dict": "bare state dict",
+             "training-checkpoint": "a fine-tuning or pretraining run's checkpoint"}
     lines: List[str] = [
         f"file:        {info['path']}",
         f"format:      {info['format']} ({kinds.get(info['format'], info['format'])})",
@@ -45,12 +47,42 @@ def format_info(info: Dict[str, Any]) -> str:
         labels = info.get("labels") or []
         lines.append("labels:      " + (", ".join(f"{l.get('value')}={l.get('name')}" for l in labels) or "none"))
         lines.append(f"created:     {info.get('created') or '?'} by med3dcore {info.get('med3dcore') or '?'}")
+        lines.append(f"checksum:    {info.get('checksum') or '?'}")
+        lines += _provenance_lines(info.get("provenance") or {})
+    elif info["format"] == "training-checkpoint":
+        which = "best validation so far (best.pt)" if info.get("best") else "latest (last.pt)"
+        lines.append(f"step:        {info.get('step')} of {info.get('total_steps') or '?'}, {which}")
+        lines.append(f"metrics:     {_metrics(info.get('metrics'))}")
+        lines.append("use:         --resume continues the run; the finished model is the run's OUT/NAME.pt")
     else:
         lines.append(f"use:         a backbone, not a model ready for inference: med3d finetune --init {info['path']}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # the file's strings must not drive the terminal
+
+
+def _metrics(metrics: Any) -> str:
+    if not isinstance(metrics, dict) or not metrics:
+        return "none recorded"
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _provenance_lines(prov: Dict[str, Any]) -> List[str]:
+    """What a bundle says about how it was made: start, steps, data, validation metrics."""
+    data = prov.get("data") if isinstance(prov.get("data"), dict) else {}
+    lines = [f"trained:     from {prov.get('init', '?')}, {prov.get('steps', '?')} steps"]
+    counts = []
+    for key in ("train_cases", "validation_cases"):
+        value = data.get(key)
+        if value is not None:
+            counts.append(f"{len(value) if isinstance(value, list) else value} {key.split('_')[0]}")
+    if counts:
+        lines.append(f"data:        {', '.join(counts)} cases" + (" (synthetic only)" if data.get("synthetic") else ""))
+    lines.append(f"metrics:     {_metrics(prov.get('metrics'))}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..weights import inspect_file
+
     info = inspect_file(args.file)
-    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    print(dump_json(info, indent=2) if args.json else format_info(info))
     return 0

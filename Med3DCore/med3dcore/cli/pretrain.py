@@ -31,6 +31,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--config", required=True, help="run config listing the domains (JSON or YAML)")
     p.add_argument("--out", required=True, help="output folder (checkpoints, cache, exported encoder)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT/encoder_bundle.pt and OUT/medicalnet_resnet<depth>.pth")
     p.add_argument("--device", default=None, help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default: the config's, "
                                                    "else auto)")
     p.add_argument("--progress", default="bar", choices=PROGRESS_MODES,
@@ -52,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
         overrides.update(item)
     cache = None if args.no_cache else (args.cache or "default")
     pretrain(args.config, args.out, resume=args.resume, device=args.device, reporter=make_reporter(args.progress),
-             cache_dir=cache, overrides=overrides)
+             cache_dir=cache, overrides=overrides, overwrite=args.overwrite)
     return 0
