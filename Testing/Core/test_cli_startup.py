@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -28,10 +27,7 @@ print("HEAVY", heavy, "CODE", code)
     (["models", "--help"], 0),
 ])
 def test_parser_imports_nothing_heavy(argv, code, tmp_path):
-    started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv, heavy=HEAVY)], capture_output=True,
                          text=True, env={"MED3D_MODELS": str(tmp_path), "PATH": ""}, timeout=60)
-    elapsed = time.perf_counter() - started
     assert f"HEAVY [] CODE {code}" in out.stdout, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
-    assert elapsed < 10  # generous under load; idle it is about 0.3 s (the issue measured 9 s before)

@@ -100,7 +100,7 @@ def test_cancel_kills_grandchildren_even_those_ignoring_sigterm(tmp_path: Path) 
     assert alive(grandchild_pid)
     started = time.monotonic()
     process.cancel(grace=1.0)
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 30  # the tree would live 60 s; cancel takes the 1 s grace and a kill
     assert wait_for(lambda: not alive(grandchild_pid), timeout=10), "the grandchild survived Cancel"
     assert process.returncode is not None and process.returncode != 0
 
