@@ -169,6 +169,16 @@ def _check_state(value: Any, where: str) -> None:
         raise Med3DError(f"{where}: its weights hold entries that are not named tensors; the file is damaged")
 
 
+def check_temperature(value: Any, where: str) -> float:
+    """A classifier's probability temperature (``extra["temperature"]``; probabilities are ``softmax(logits /
+    T)``): finite, positive and within :data:`limits.TEMPERATURE_RANGE`, else one line naming the file."""
+    low, high = limits.TEMPERATURE_RANGE
+    try:
+        return limits.number(value, f"{where}: its probability temperature", low, high)
+    except Med3DError as exc:
+        raise Med3DError(f"{exc}; the file is damaged or was not written by med3d finetune (fine-tune again)") from None
+
+
 def check_bundle(obj: Mapping[str, Any], where: str) -> Optional[bool]:
     """Check a loaded bundle dict (see the module docstring); returns :func:`verify_checksum`'s answer."""
     limits.check_metadata(obj, where)
@@ -194,6 +204,8 @@ def check_bundle(obj: Mapping[str, Any], where: str) -> Optional[bool]:
         limits.input_size(coarse.get("input_size"), f"{where}: the coarse stage's input size")
     if "margin_mm" in extra:
         limits.number(extra["margin_mm"], f"{where}: the coarse stage's margin (mm)", 0.0, 1000.0)
+    if "temperature" in extra:
+        check_temperature(extra["temperature"], where)
     # extra["nodule_input"] is bounded where it is used (NoduleInputSpec.from_dict), before any cube is made.
     for name, branch in _mapping(extra.get("branches") or {}, f"{where}: 'extra.branches'").items():
         limits.whole_number(_mapping(branch, f"{where}: branch '{name}'").get("num_classes"),

@@ -436,7 +436,7 @@ def domain_spec(domain: Domain, spacing: Sequence[float]) -> PreprocessSpec:
     return PreprocessSpec(spacing=tuple(spacing), window=domain.window, modality=modality)
 
 
-def _source_stamp(path: Path) -> List[Any]:
+def source_stamp(path: Path) -> List[Any]:
     """(path, size, mtime) of a file, or of every file in a DICOM folder: what makes a cache entry stale."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     stamp = []
@@ -448,7 +448,7 @@ def _source_stamp(path: Path) -> List[Any]:
 
 def cache_key(case: Case, domain: Domain, spec: PreprocessSpec) -> str:
     """Hash of the case's source files (path, size, mtime), the preprocessing spec and the label mapping."""
-    payload = {"version": CACHE_VERSION, "sources": [_source_stamp(p) for p in case.sources()],
+    payload = {"version": CACHE_VERSION, "sources": [source_stamp(p) for p in case.sources()],
                "masks": sorted(case.masks), "spec": spec.to_dict(),
                "label_map": sorted((domain.label_map or {}).items()), "labels": sorted(domain.label_names.items())}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -465,7 +465,7 @@ def preprocess_case(case: Case, domain: Domain, spec: PreprocessSpec) -> Tuple[n
     return array, labels.astype(np.uint8)
 
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
+def save_npy_atomically(path: Path, array: np.ndarray) -> None:
     """A cache entry through the one write path; concurrent runs sharing the cache write identical entries, so
     the last one to finish may replace the others'."""
     def write(staged: Path) -> None:
@@ -541,8 +541,8 @@ class PreparedCases:
                     old.unlink()
                 except FileNotFoundError:  # another run removed it first
                     pass
-        _atomic_npy(image_path, image)
-        _atomic_npy(label_path, labels)
+        save_npy_atomically(image_path, image)
+        save_npy_atomically(label_path, labels)
 
     def warm(self, reporter=None) -> None:
         """Build every missing cache entry now (one pass), reporting progress."""

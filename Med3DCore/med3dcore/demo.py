@@ -5,7 +5,7 @@ access and no downloaded weights.
    separate lung-segmentation and nodule-classification sets, and one held-out torso.
 2. Pretrain a ResNet-10 encoder on the four domains at once (``pretrain.py``, Med3D co-training).
 3. Fine-tune lung segmentation and nodule classification twice each: from that encoder and from scratch, with the
-   same steps and data (``finetune.py``).
+   same steps and data (``segmentation_finetune.py``, ``classification_finetune.py``).
 4. Segment the held-out torso and classify its nodule (``infer.py``); write the label map, overlay PNGs (the
    segmentation, and where it agrees with the phantom's truth), the training curves of both initialisations on
    one picture per task, and a report comparing pretrained with scratch.
@@ -133,8 +133,9 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int
     under ``pretrain/`` and the phantom training data under ``data/``. Training checkpoints and preprocessing
     caches are deleted at the end unless ``keep_checkpoints``.
     """
-    from .finetune import (ClassificationSettings, SegmentationSettings, clear_checkpoints, finetune_classification,
-                           finetune_segmentation)
+    from .classification_finetune import ClassificationSettings, finetune_classification
+    from .finetune import clear_checkpoints
+    from .segmentation_finetune import SegmentationSettings, finetune_segmentation
     from .nodules import NoduleInputSpec
     from .infer import classify, segment
     from .overlay import write_overlay

@@ -366,13 +366,24 @@ def segment(volume: Volume, model: Optional[ModelLike] = None, task: Optional[st
 
 # ------------------------------------------------------------------------------------------------ classification
 
+def probability_temperature(bundle: Bundle) -> float:
+    """The temperature T a classification bundle's probabilities use, ``softmax(logits / T)``: fitted on the
+    validation split at fine-tuning time (temperature scaling), 1 for bundles written before calibration."""
+    from .bundle_checks import check_temperature
+
+    if "temperature" not in bundle.extra:
+        return 1.0
+    return check_temperature(bundle.extra["temperature"], _where(bundle))
+
+
 def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
              mask: Union[Volume, np.ndarray, None] = None, device: str = "auto") -> ClassificationResult:
     """Classify the nodule in ``volume`` with a classification bundle (a path or a loaded :class:`Bundle`).
 
     Mark the nodule with ``roi`` = (centre, size), both LPS mm (size may be None: the whole cube is visible), or
     with ``mask`` (non-zero voxels on the image's grid), or neither when ``volume`` is itself a nodule crop.
-    Returns the class probabilities by label name and the box used.
+    Returns the class probabilities by label name (calibrated by the bundle's temperature, see
+    :func:`probability_temperature`) and the box used.
     """
     if not isinstance(volume, Volume):
         raise Med3DError(f"classify needs a Volume (see med3dcore.volume.read_volume), got {type(volume).__name__}")
@@ -402,7 +413,7 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
     net = model_from_bundle(bundle).to(dev)
     with torch.inference_mode():
         logits = net(torch.from_numpy(cube)[None].to(dev)).float().cpu()
-    probs = torch.softmax(logits[0], dim=0).numpy()
+    probs = torch.softmax(logits[0] / probability_temperature(bundle), dim=0).numpy()
     names = {int(info["value"]): str(info["name"]) for info in bundle.labels}
     if len(names) != len(probs):
         raise Med3DError(f"{_where(bundle)} lists {len(names)} labels but its network gives {len(probs)} classes; "

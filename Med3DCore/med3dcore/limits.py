@@ -22,6 +22,7 @@ MAX_LIST = 64                    # lengths of head parameter lists (dilations, c
 MAX_CUBE = 256                   # nodule cube side, voxels
 MAX_INPUT_SIDE = 1024            # a coarse stage's fixed input size per axis, voxels
 SPACING_RANGE_MM = (0.05, 100.0)  # a model's voxel spacing, nodule cube spacing
+TEMPERATURE_RANGE = (0.01, 100.0)  # a classifier's probability temperature (fitting stays within 0.05..20)
 MAX_YAML_NODES = 1_000_000       # a config after alias expansion
 MAX_METADATA_NODES = 1_000_000   # a bundle's metadata (dicts, lists, values), shared references counted each time
 MAX_STRING = 1 << 20             # one metadata string

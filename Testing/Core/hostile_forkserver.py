@@ -54,7 +54,8 @@ def serve() -> None:
     # yet and forked children may use OpenMP).
     for name in ("torch", "SimpleITK", "med3dcore.infer", "med3dcore.weights", "med3dcore.volume",
                  "med3dcore.overlay", "med3dcore.train", "med3dcore.data", "med3dcore.finetune",
-                 "med3dcore.pretrain", "med3dcore.nodules"):
+                 "med3dcore.segmentation_finetune", "med3dcore.classification_finetune", "med3dcore.pretrain",
+                 "med3dcore.nodules"):
         importlib.import_module(name)
     running = {}
     pending = b""

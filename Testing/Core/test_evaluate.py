@@ -99,3 +99,34 @@ def test_evaluate_errors(capsys, tmp_path, lung_model):
     assert code == 2 and "does not exist" in err
     code, _, err = _run(capsys, ["evaluate", "--model", str(lung_model), "--csv", "x.csv", "--label-map", "5-1"])
     assert code == 2 and "SOURCE:TARGET" in err
+
+
+def test_a_bad_stored_temperature_is_exit_2_and_one_line(capsys, tmp_path):
+    """A classification bundle whose probability temperature is not a finite number in 0.01..100: one line, exit
+    status 2, from every command that would turn its logits into probabilities; no traceback."""
+    from med3dcore.bundle_checks import CHECKSUM_KEY, content_digest
+
+    arch = {"backbone": BACKBONE, "head": {"type": "classifier", "num_classes": 2}}
+    good = tmp_path / "good.pt"
+    save_bundle(good, build_model(arch), architecture=arch, task={"type": "classification", "name": "nodule"},
+                labels=[{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}], preprocessing={},
+                provenance={}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}, "temperature": 1.3})
+    image, _ = make_nodule_crop("malignant", seed=0, shape=(16, 24, 24))
+    write_volume(image, tmp_path / "n.nii.gz")
+    (tmp_path / "table.csv").write_text("image,label\nn.nii.gz,malignant\n")
+    for bad in (float("nan"), 0.0, -2.0, 1e9):
+        raw = torch.load(good, weights_only=True)
+        raw["extra"]["temperature"] = bad
+        raw[CHECKSUM_KEY] = content_digest(raw)
+        model = tmp_path / "bad.pt"
+        torch.save(raw, model)
+        before = model.read_bytes()
+        for argv in (["evaluate", "--model", str(model), "--csv", str(tmp_path / "table.csv")],
+                     ["classify", str(tmp_path / "n.nii.gz"), "--model", str(model), "--device", "cpu"]):
+            code, out, err = _run(capsys, argv)
+            assert code == 2 and out == "", (bad, argv[0])
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+            assert "bad.pt: its probability temperature must be a number from 0.01 to 100" in err
+        assert model.read_bytes() == before
+    code, out, _ = _run(capsys, ["classify", str(tmp_path / "n.nii.gz"), "--model", str(good), "--device", "cpu"])
+    assert code == 0

@@ -3,21 +3,27 @@ bundles, and short real runs on synthetic phantoms that write bundles inference 
 from __future__ import annotations
 
 import csv
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from med3dcore.classification_finetune import (ClassificationSettings, CubeSampler, cached_cubes, finetune_classification,
+                                               prepare_cases)
 from med3dcore.data import domain_from_dict
 from med3dcore.errors import Med3DError
-from med3dcore.finetune import (ClassificationSettings, CubeSampler, SegmentationSettings, build_initialised_model,
-                                encoder_head_groups, finetune_classification, finetune_segmentation,
-                                freeze_encoder_parts, grouped_folds, grouped_split)
+from med3dcore.finetune import (build_initialised_model, encoder_head_groups, freeze_encoder_parts, grouped_folds,
+                                grouped_split)
+from med3dcore.infer import classify
+from med3dcore.nodule_evaluation import patient_digest
 from med3dcore.nets import build_model
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table
 from med3dcore.phantoms import make_ct_phantom, make_nodule_crop
-from med3dcore.volume import write_volume
+from med3dcore.segmentation_finetune import SegmentationSettings, finetune_segmentation
+from med3dcore.volume import read_volume, write_volume
 from med3dcore.weights import export_medicalnet, load_bundle, model_from_bundle, save_bundle
 
 torch.set_num_threads(2)
@@ -128,6 +134,24 @@ def test_cube_sampler_is_a_function_of_the_step():
     assert sorted(first_epoch.tolist()) == list(range(10))
 
 
+def test_prepared_cubes_are_cached_per_table_and_spec(tmp_path):
+    cases = read_nodule_table(str(_nodule_table(tmp_path, n_patients=2)))
+    spec, cache = NoduleInputSpec(cube=8, spacing_mm=2.0), tmp_path / "cache"
+    prepared = []
+    first = cached_cubes(cases, spec, cache, prepared.append)
+    assert len(prepared) == len(cases) and len(list(cache.glob("nodule_cubes-*.npy"))) == 1
+    np.testing.assert_array_equal(first, prepare_cases(cases, spec))
+    again = []
+    np.testing.assert_array_equal(cached_cubes(cases, spec, cache, again.append), first)
+    assert again == []  # read from the cache, nothing prepared
+    # another spec, or a changed source file, is a new entry
+    cached_cubes(cases, NoduleInputSpec(cube=8, spacing_mm=3.0), cache)
+    os.utime(cases[0].image, ns=(0, 0))
+    changed = []
+    cached_cubes(cases, spec, cache, changed.append)
+    assert len(changed) == len(cases) and len(list(cache.glob("nodule_cubes-*.npy"))) == 3
+
+
 @pytest.mark.slow
 def test_classification_run_learns_phantom_nodules_and_writes_a_bundle(tmp_path):
     cases = read_nodule_table(str(_nodule_table(tmp_path)))
@@ -143,9 +167,29 @@ def test_classification_run_learns_phantom_nodules_and_writes_a_bundle(tmp_path)
     assert bundle.extra["nodule_input"]["cube"] == 16
     assert bundle.provenance["init"] == "scratch"
     assert bundle.provenance["data"]["validation_patients"] == 3
-    assert set(bundle.provenance["metrics"]) == {"accuracy", "auc", "loss"}
+    assert set(bundle.provenance["metrics"]) == {"accuracy", "auc", "loss", "brier", "ece"}
     # the phantoms' two kinds differ in size and density: a short run separates them
     assert result["metrics"]["auc"] >= 0.8
+    # temperature scaling fitted on the 6 validation cases, stored, and what classify then gives
+    calibration = bundle.provenance["calibration"]
+    assert calibration["fitted_on"] == "validation" and calibration["validation_cases"] == 6
+    assert bundle.extra["temperature"] == calibration["temperature"] == result["calibration"]["temperature"]
+    assert 0.05 <= calibration["temperature"] <= 20.0 and calibration["temperature"] != 1.0
+    assert set(calibration["before"]) == set(calibration["after"]) == {"brier", "ece"}
+    assert calibration["after"]["brier"] == pytest.approx(result["metrics"]["brier"])
+    data = bundle.provenance["data"]
+    # digests, not the ids themselves, travel with the model
+    assert sorted(data["train_patient_sha256"] + data["validation_patient_sha256"]) == sorted(
+        patient_digest(f"P{p}") for p in range(10))
+    assert not any(f"P{p}" in json.dumps(bundle.provenance) for p in range(10))
+    assert len(data["validation_patient_sha256"]) == 3
+    validation = [c for c in cases if patient_digest(c.patient) in data["validation_patient_sha256"]]
+    by_classify = [classify(read_volume(c.image), bundle, mask=read_volume(c.mask), device="cpu")
+                   .probabilities["malignant"] for c in validation]
+    assert by_classify == pytest.approx(result["probabilities"][:, 1].tolist(), abs=1e-5)
+    summary = [e["message"] for e in events if e.get("kind") == "result"]
+    assert len(summary) == 1 and f"temperature {calibration['temperature']:.3f}" in summary[0]
+    assert f"Brier {calibration['before']['brier']:.3f} -> {calibration['after']['brier']:.3f}" in summary[0]
     steps = [e for e in events if e.get("stage") == "finetune" and e.get("kind") == "progress"]
     assert len(steps) == 30 and all("loss" in e["metrics"] for e in steps)
     assert any(e.get("kind") == "message" and "auc" in e.get("metrics", {}) for e in events)

@@ -12,7 +12,7 @@ import torch
 
 from med3dcore.cli import main
 from med3dcore.errors import Med3DError
-from med3dcore.finetune import SegmentationSettings, finetune_segmentation, segmentation_loss
+from med3dcore.segmentation_finetune import SegmentationSettings, finetune_segmentation, segmentation_loss
 from med3dcore.nets import build_model, resnet3d
 from med3dcore.phantoms import make_ct_phantom
 from med3dcore.train import TrainConfig, train

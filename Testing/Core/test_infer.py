@@ -5,6 +5,7 @@ The helpers at the top are reused by the other inference test modules.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -52,11 +53,14 @@ def segmentation_bundle(path: Path, name: str = "lung", labels=LUNG_LABELS, spec
                        preprocessing=spec, provenance={"data": "random weights (test)"}, extra=extra)
 
 
-def classification_bundle(path: Path, seed: int = 0) -> Path:
-    net, arch = tiny_net({"type": "classifier", "num_classes": 2}, seed)
+def classification_bundle(path: Path, seed: int = 0, bias=None, temperature: Optional[float] = None) -> Path:
+    net, arch = tiny_net({"type": "classifier", "num_classes": 2}, seed, bias)
+    extra: Dict[str, Any] = {"nodule_input": {"cube": 24, "spacing_mm": 1.0}}
+    if temperature is not None:
+        extra["temperature"] = temperature
     return save_bundle(path, net, architecture=arch, task={"type": "classification", "name": "nodule"},
                        labels=NODULE_LABELS, preprocessing={}, provenance={"data": "random weights (test)"},
-                       extra={"nodule_input": {"cube": 24, "spacing_mm": 1.0}})
+                       extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +288,43 @@ def test_classify_bad_inputs_as_a_new_user_gives_them(models, ct_with_nodule):
     small = Volume(np.zeros((4, 4, 4), np.uint8))
     with pytest.raises(Med3DError, match="mask's geometry differs from the image's"):
         infer.classify(image, models["nodule"], mask=small)
+
+
+def test_classify_divides_the_logits_by_the_stored_temperature(tmp_path, ct_with_nodule):
+    """softmax(logits / T) with the bundle's T; a bundle without one (written before calibration) uses T = 1."""
+    image, labels = ct_with_nodule
+    nodule = labels.with_array((labels.array == 5).astype(np.uint8))
+    bias = [0.25, 2.0]  # zero weights in the last layer: the logits are exactly this bias, whatever the input
+
+    def by_hand(t: float) -> float:
+        z = np.array(bias) / t
+        return float(np.exp(z[1]) / np.exp(z).sum())
+
+    old = infer.classify(image, classification_bundle(tmp_path / "old.pt", bias=bias), mask=nodule, device="cpu")
+    hot = infer.classify(image, classification_bundle(tmp_path / "hot.pt", bias=bias, temperature=2.5), mask=nodule,
+                         device="cpu")
+    cold = infer.classify(image, classification_bundle(tmp_path / "cold.pt", bias=bias, temperature=0.5),
+                          mask=nodule, device="cpu")
+    assert old.probabilities["malignant"] == pytest.approx(by_hand(1.0), abs=1e-6)  # 0.852
+    assert hot.probabilities["malignant"] == pytest.approx(by_hand(2.5), abs=1e-6)  # 0.668
+    assert cold.probabilities["malignant"] == pytest.approx(by_hand(0.5), abs=1e-6)  # 0.971
+    assert infer.probability_temperature(load_bundle(tmp_path / "hot.pt")) == 2.5
+    assert infer.probability_temperature(load_bundle(tmp_path / "old.pt")) == 1.0
+    assert hot.predicted == old.predicted == cold.predicted == "malignant"  # a temperature never changes the answer
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), 1e6, "2.5", True])
+def test_a_bad_stored_temperature_is_one_clear_error(tmp_path, bad):
+    from med3dcore.bundle_checks import CHECKSUM_KEY, content_digest
+
+    good = classification_bundle(tmp_path / "good.pt", temperature=1.5)
+    raw = torch.load(good, weights_only=True)
+    raw["extra"]["temperature"] = bad
+    raw[CHECKSUM_KEY] = content_digest(raw)  # a consistent file whose value is wrong, not a damaged copy
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(Med3DError, match="probability temperature must be a number from 0.01 to 100") as info:
+        load_bundle(tmp_path / "bad.pt")
+    assert "bad.pt" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(Med3DError, match="probability temperature"):  # a hand-made Bundle is checked where used
+        infer.probability_temperature(dataclasses.replace(load_bundle(good), extra={"temperature": bad}))
+

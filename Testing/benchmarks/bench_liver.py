@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from med3dcore.data import domain_from_dict
-from med3dcore.finetune import SegmentationSettings, finetune_segmentation
+from med3dcore.segmentation_finetune import SegmentationSettings, finetune_segmentation
 from med3dcore.infer import segment
 from med3dcore.metrics import dice
 from med3dcore.phantoms import make_ct_phantom

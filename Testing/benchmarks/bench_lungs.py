@@ -158,7 +158,7 @@ def loso_rows(out: Path, steps: int, held_out: list[str] | None = None) -> dict:
     import numpy as np
 
     from med3dcore.classical_lung import refine_to_air, segment_lungs
-    from med3dcore.finetune import SegmentationSettings, finetune_segmentation
+    from med3dcore.segmentation_finetune import SegmentationSettings, finetune_segmentation
     from med3dcore.infer import load_model, segment
     from med3dcore.metrics import dice
     from med3dcore.pseudo_labels import classical_lung_domain

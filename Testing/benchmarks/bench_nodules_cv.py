@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from med3dcore.finetune import (ClassificationSettings, classification_metrics, finetune_classification,
-                                grouped_folds, predict_probabilities, prepare_cases)
+from med3dcore.classification_finetune import (ClassificationSettings, classification_metrics,
+                                               finetune_classification, predict_probabilities, prepare_cases)
+from med3dcore.finetune import grouped_folds
+from med3dcore.infer import probability_temperature
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table
 from med3dcore.progress import make_reporter
 from med3dcore.weights import load_bundle, model_from_bundle
@@ -95,8 +97,9 @@ def main() -> int:
             settings=ClassificationSettings(steps=args.steps, batch_size=args.batch_size, val_fraction=0.15,
                                             validate_every=100, freeze=tuple(p for p in args.freeze.split(",") if p)),
             reporter=reporter, overwrite=True)
-        model = model_from_bundle(load_bundle(result["bundle"]))
-        probs = predict_probabilities(model, cubes[test_idx])
+        bundle = load_bundle(result["bundle"])
+        probs = predict_probabilities(model_from_bundle(bundle), cubes[test_idx],
+                                      temperature=probability_temperature(bundle))  # as classify gives them
         test = classification_metrics(probs, labels[test_idx])
         record = {"init": args.init, "fold": k, "test": test, "validation": result["metrics"],
                   "probabilities": probs[:, 1].tolist(), "labels": labels[test_idx].tolist(),

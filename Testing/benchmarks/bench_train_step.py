@@ -26,7 +26,7 @@ from bench_common import machine_line  # noqa: E402
 
 
 def _setups(torch):
-    from med3dcore.finetune import PRESETS
+    from med3dcore.segmentation_finetune import PRESETS
     from med3dcore.nets import build_model
     from med3dcore.train import ce_dice_loss
 

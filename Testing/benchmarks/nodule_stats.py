@@ -1,69 +1,36 @@
-"""Statistics for the nodule benchmarks: metrics with 95 % confidence intervals from a bootstrap over patients
-(scipy.stats.bootstrap over patient indices; a patient's nodules are resampled together, since they are not
-independent), paired differences between two classifiers scored on the same cases, and the measured-features
-baselines a radiologist could use instead of a CNN (a ruler's diameter; a few numbers measured from the mask).
+"""Statistics for the nodule benchmarks: the metrics of ``med3d evaluate`` with their 95 % intervals (the product's
+patient bootstrap, nodule_evaluation), paired differences between two classifiers scored on the same cases, and the
+measured-features baselines a radiologist could use instead of a CNN (a ruler's diameter; a few numbers measured from the mask).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
-from scipy.stats import bootstrap
 
-from med3dcore.metrics import (auc, brier, expected_calibration_error, sensitivity_at_specificity)
+from med3dcore.metrics import auc
+from med3dcore.nodule_evaluation import LABELS, RESAMPLES, patient_interval, score_with_intervals
 from med3dcore.nodule_size import measure_nodule
 from med3dcore.volume import Volume
 
 Interval = Tuple[float, float, float]  # estimate, low, high
 
 
-def _by_patient(groups: Sequence[str]) -> List[np.ndarray]:
-    names = sorted(set(groups))
-    where = {g: i for i, g in enumerate(names)}
-    members: List[List[int]] = [[] for _ in names]
-    for case, g in enumerate(groups):
-        members[where[g]].append(case)
-    return [np.array(m) for m in members]
-
-
-def patient_bootstrap(statistic: Callable[[np.ndarray], float], groups: Sequence[str], n_resamples: int = 2000,
-                      seed: int = 0) -> Interval:
-    """``statistic(case_indices)`` on all cases, with a 95 % percentile interval from resampling patients."""
-    members = _by_patient(groups)
-
-    def on_patients(patients: np.ndarray) -> float:
-        return statistic(np.concatenate([members[int(p)] for p in patients]))
-
-    everyone = np.arange(len(members))
-    result = bootstrap((everyone,), on_patients, n_resamples=n_resamples, vectorized=False, method="percentile",
-                       rng=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    return statistic(np.concatenate(members)), float(low), float(high)
-
-
-METRICS: Dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "AUC": lambda p, y: auc(p, y),
-    "accuracy": lambda p, y: float(np.mean((p >= 0.5) == y)),
-    "sens@90%spec": lambda p, y: sensitivity_at_specificity(p, y, 0.9),
-    "Brier": lambda p, y: brier(p, y),
-    "ECE": lambda p, y: expected_calibration_error(p, y),
-}
-
-
 def summarise(probabilities: np.ndarray, labels: np.ndarray, groups: Sequence[str],
-              n_resamples: int = 2000) -> Dict[str, Interval]:
-    """Every metric of :data:`METRICS` on the pooled out-of-fold probabilities, each with its 95 % interval."""
-    p, y = np.asarray(probabilities, float), np.asarray(labels, int)
-    return {name: patient_bootstrap(lambda idx, f=f: f(p[idx], y[idx]), groups, n_resamples)
-            for name, f in METRICS.items()}
+              n_resamples: int = RESAMPLES) -> Dict[str, Interval]:
+    """Every metric ``med3d evaluate`` prints, on the pooled out-of-fold probabilities, each with its 95 % interval
+    (the product's stratified patient bootstrap, nodule_evaluation.score_with_intervals)."""
+    scored = score_with_intervals(probabilities, labels, groups, n_resamples)["metrics"]
+    return {LABELS[name]: (item["value"], *item["ci95"]) for name, item in scored.items()}
 
 
 def paired_auc_difference(a: np.ndarray, b: np.ndarray, labels: np.ndarray, groups: Sequence[str],
-                          n_resamples: int = 2000) -> Interval:
+                          n_resamples: int = RESAMPLES) -> Interval:
     """AUC(a) - AUC(b) on the same cases, the interval from the same patient resamples for both."""
     y = np.asarray(labels, int)
-    return patient_bootstrap(lambda idx: auc(a[idx], y[idx]) - auc(b[idx], y[idx]), groups, n_resamples)
+    low, high = patient_interval(lambda idx: auc(a[idx], y[idx]) - auc(b[idx], y[idx]), y, groups, n_resamples)
+    return auc(a, y) - auc(b, y), low, high
 
 
 def fmt(interval: Interval, digits: int = 3) -> str:

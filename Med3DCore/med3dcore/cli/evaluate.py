@@ -1,9 +1,12 @@
-"""``med3d evaluate``: score a model on labelled cases: Dice per label (segmentation) or accuracy and AUC
-(nodule classification), printed as JSON."""
+"""``med3d evaluate``: score a model on labelled cases: Dice per label (segmentation), or for nodule
+classification AUC, accuracy, sensitivity at 90 % specificity, Brier score and ECE with 95 % intervals from a
+bootstrap over patients (``nodule_evaluation.py``), printed as JSON; a plain warning on stderr when the cases come
+from patients the model was fine-tuned on."""
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -17,12 +20,14 @@ from . import dump_json
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="score a model on labelled cases (Dice, or accuracy and AUC) as JSON",
+        "evaluate", help="score a model on labelled cases (Dice, or AUC, accuracy and calibration with 95%% CIs)",
         description="Run a Med3D model over labelled cases and print the scores as JSON. Segmentation models: "
                     "Dice per label and its mean over cases, from --images DIR --labels DIR (files matched by "
-                    "name) or a --csv with image,label columns. Classification models: accuracy and AUC of "
-                    "malignant vs benign from a --csv with image, label and optional mask or roi columns (the "
-                    "table med3d finetune --task nodule reads).")
+                    "name) or a --csv with image,label columns. Classification models: AUC, accuracy, "
+                    "sensitivity at 90% specificity, Brier score and calibration error (ECE) of malignant vs "
+                    "benign, each with a 95% interval from a bootstrap over patients, from a --csv with image, "
+                    "label and optional mask, roi and patient_id columns (the table med3d finetune --task nodule "
+                    "reads); it warns when cases come from patients the model was fine-tuned on.")
     p.add_argument("--model", required=True, help="Med3D model bundle (.pt)")
     p.add_argument("--csv", help="table of cases")
     p.add_argument("--images", help="folder of images (segmentation)")
@@ -102,8 +107,9 @@ def evaluate_segmentation(args: argparse.Namespace, bundle: Any, reporter: Any) 
 
 
 def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any) -> Dict[str, Any]:
-    from ..infer import classify
-    from ..metrics import accuracy, auc
+    from ..infer import classify, probability_temperature
+    from ..nodule_evaluation import (format_scores, overlap_warning, patient_id, score_with_intervals,
+                                     training_overlap)
     from ..nodules import read_nodule_table
     from ..volume import read_volume
 
@@ -113,7 +119,7 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
     names = {int(l["value"]): str(l["name"]) for l in bundle.labels}
     if sorted(names) != [0, 1]:
         raise Med3DError(f"{args.model} has labels {names}; evaluation expects benign (0) / malignant (1)")
-    scores, truth, predicted, rows = [], [], [], []
+    scores, truth, rows = [], [], []
     for n, case in enumerate(cases):
         image = read_volume(case.image)
         if case.mask:
@@ -125,11 +131,18 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
         p = result.probabilities[names[1]]
         scores.append(p)
         truth.append(case.label)
-        predicted.append(int(p >= 0.5))
         rows.append({"image": case.image, "label": names[case.label], "probability": p})
         reporter(make_event("evaluate", n + 1, len(cases)))
-    out: Dict[str, Any] = {"task": bundle.task, "cases": len(rows), "accuracy": accuracy(predicted, truth)}
-    out["auc"] = auc(scores, truth) if len(set(truth)) == 2 else None
+    scored = score_with_intervals(scores, truth, [c.patient for c in cases])
+    out: Dict[str, Any] = {"task": bundle.task, "cases": len(rows), "patients": scored["patients"]}
+    out.update({name: item["value"] for name, item in scored["metrics"].items()})
+    out["ci95"] = {name: item["ci95"] for name, item in scored["metrics"].items()}
+    out["bootstrap"] = scored.get("bootstrap") or {"note": scored["note"]}
+    out["temperature"] = probability_temperature(bundle)
+    out["training_overlap"] = training_overlap([patient_id(c) for c in cases], bundle.provenance, str(args.model))
+    warning = overlap_warning(out["training_overlap"])
+    out["warnings"] = [warning] if warning else []
+    out["summary"] = format_scores(scored)
     out["per_case"] = rows
     return out
 
@@ -149,5 +162,11 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_classification(args, bundle, reporter)
     else:
         raise Med3DError(f"{args.model} is a '{kind}' model; evaluate takes segmentation or classification models")
+    summary = result.pop("summary", [])
     print(dump_json(result, indent=None if args.json else 2))
+    if not args.json:  # the scores in plain words beside the JSON on stdout
+        for line in summary:
+            print(f"med3d evaluate: {line}", file=sys.stderr)
+    for warning in result.get("warnings", []):
+        print(f"med3d evaluate: warning: {warning}", file=sys.stderr)
     return 0

@@ -117,7 +117,7 @@ def _segmentation_groups(csv_path: Optional[str]) -> Dict[str, str]:
 
 def _domain(args: argparse.Namespace) -> Any:
     from ..data import domain_from_dict
-    from ..finetune import PRESETS
+    from ..segmentation_finetune import PRESETS
 
     sources = [s for s in ("csv", "images", "dataset") if getattr(args, s)]
     if len(sources) != 1:
@@ -145,11 +145,13 @@ def _domain(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import finetune as ft
+    from ..classification_finetune import ClassificationSettings, finetune_classification
+    from ..finetune import check_run_name
     from ..nodules import NoduleInputSpec, read_nodule_table
+    from ..segmentation_finetune import PRESETS, SegmentationSettings, finetune_segmentation
 
     reporter = make_reporter(args.progress)
-    name = ft.check_run_name(args.name or args.task)  # before anything is read, written or removed
+    name = check_run_name(args.name or args.task)  # before anything is read, written or removed
     backbone = {"depth": args.depth, "shortcut_type": args.shortcut, "preact": None}  # None: not asked
     freeze = tuple(p.strip() for p in args.freeze.split(",") if p.strip())
     if not 0.0 <= args.val_fraction < 1.0:
@@ -161,27 +163,27 @@ def run(args: argparse.Namespace) -> int:
         if args.val_fraction == 0:
             raise Med3DError("--val-fraction 0 (no validation) is for segmentation; nodule classification keeps the "
                              "model that validates best, so give a fraction such as 0.2")
-        settings = ft.ClassificationSettings(
+        settings = ClassificationSettings(
             steps=args.steps or 300, batch_size=args.batch_size or 8, lr=args.lr, head_lr=args.head_lr,
             freeze=freeze, val_fraction=args.val_fraction, validate_every=args.val_every, seed=args.seed,
             device=args.device)
         spec = NoduleInputSpec.from_dict({"cube": args.cube, "spacing_mm": args.cube_spacing})
-        ft.finetune_classification(read_nodule_table(args.csv), Path(args.out), name, init=args.init,
-                                   backbone=backbone, spec=spec, settings=settings, reporter=reporter,
-                                   resume=args.resume, overwrite=args.overwrite)
+        finetune_classification(read_nodule_table(args.csv), Path(args.out), name, init=args.init,
+                                backbone=backbone, spec=spec, settings=settings, reporter=reporter,
+                                resume=args.resume, overwrite=args.overwrite)
         return 0
-    settings = ft.SegmentationSettings(
+    settings = SegmentationSettings(
         steps=args.steps or 200, batch_size=args.batch_size or 2, lr=args.lr, head_lr=args.head_lr, freeze=freeze,
         val_fraction=args.val_fraction, validate_every=args.val_every, patch=_numbers(args.patch, 3, "--patch", int),
         spacing=_numbers(args.spacing, 3, "--spacing"), seed=args.seed, device=args.device)
     if args.real_labels and args.labels != "classical":
         raise Med3DError("--real-labels goes with --labels classical; with a folder of masks give it as --labels")
     domain, sources = _pseudo_domain(args, name, reporter) if args.labels == "classical" else (_domain(args), None)
-    ft.finetune_segmentation(domain, Path(args.out), name,
-                             preset=args.task if args.task in ft.PRESETS else None, init=args.init,
-                             backbone=backbone, settings=settings, groups=_segmentation_groups(args.csv),
-                             reporter=reporter, resume=args.resume, overwrite=args.overwrite,
-                             label_sources=sources)
+    finetune_segmentation(domain, Path(args.out), name,
+                          preset=args.task if args.task in PRESETS else None, init=args.init,
+                          backbone=backbone, settings=settings, groups=_segmentation_groups(args.csv),
+                          reporter=reporter, resume=args.resume, overwrite=args.overwrite,
+                          label_sources=sources)
     return 0
 
 

@@ -1,0 +1,129 @@
+"""The nodule CV table (issue 9): what a user could use instead of a CNN, next to every finished CNN run, on the same
+patient-grouped folds of the 823 LIDC crops in ../shared/data/nodules.
+
+    python Testing/benchmarks/bench_nodule_table.py [--runs DIR ...] [--png reliability.png]
+
+Baselines (scikit-learn, the `bench` extra): a logistic regression on log(diameter_mm) (a ruler) and one on the seven
+numbers of nodule_stats.measured_features (image + mask), each fitted on four folds and scored on the fifth. Every
+CNN run folder given with --runs (bench_nodules_cv.py's OUT, one fold<k>.json per finished fold, all five needed)
+is scored on the same out-of-fold cases. Each row: AUC, accuracy, sensitivity at 90 % specificity, Brier and ECE on
+the pooled out-of-fold probabilities, each with a 95 % interval from a bootstrap over patients; the mean over folds
+of AUC and accuracy (the issue's targets are means over folds); and the paired AUC difference against the
+measured-features baseline (the same patient resamples for both). --png draws the reliability diagram of every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from med3dcore.finetune import grouped_folds
+from med3dcore.metrics import reliability_bins
+from med3dcore.nodules import read_nodule_table
+from med3dcore.volume import read_volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nodule_stats import (FEATURE_NAMES, fmt, logistic_oof, measured_features, paired_auc_difference,  # noqa: E402
+                          per_fold_mean, summarise)
+
+DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
+
+
+def feature_matrix(table: Path) -> np.ndarray:
+    """The seven measured features of every row of the nodule table, in its order."""
+    import csv
+
+    with open(table, newline="") as handle:
+        diameters = [float(row["diameter_mm"]) for row in csv.DictReader(handle)]
+    cases = read_nodule_table(str(table))
+    return np.array([measured_features(read_volume(c.image), read_volume(c.mask), d)
+                     for c, d in zip(cases, diameters)])
+
+
+def cnn_probabilities(folder: Path, folds: List[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """Out-of-fold malignant probabilities of a bench_nodules_cv.py run, checked against these folds."""
+    out = np.full(len(labels), np.nan)
+    for k, test in enumerate(folds):
+        record = json.loads((folder / f"fold{k}.json").read_text())
+        if not np.array_equal(np.asarray(record["labels"]), labels[test]):
+            raise SystemExit(f"{folder}: fold {k} was not run on these folds")
+        out[test] = record["probabilities"]
+    return out
+
+
+def reliability_png(rows: Dict[str, np.ndarray], labels: np.ndarray, path: Path) -> None:
+    """One reliability diagram (predicted vs observed malignant fraction, 10 bins) with every row, drawn with
+    Pillow (already a product dependency through the overlays)."""
+    from PIL import Image, ImageDraw
+
+    size, pad = 420, 50
+    image = Image.new("RGB", (size + 2 * pad + 220, size + 2 * pad), "white")
+    draw = ImageDraw.Draw(image)
+
+    def xy(p: float, o: float):
+        return pad + p * size, pad + (1 - o) * size
+
+    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    draw.line([xy(0, 0), xy(1, 1)], fill=(160, 160, 160))
+    for t in (0.0, 0.5, 1.0):
+        draw.text((xy(t, 0)[0] - 8, size + pad + 6), f"{t:.1f}", fill="black")
+        draw.text((pad - 30, xy(0, t)[1] - 6), f"{t:.1f}", fill="black")
+    draw.text((pad + size / 2 - 60, size + pad + 24), "predicted probability", fill="black")
+    draw.text((6, 20), "observed malignant fraction", fill="black")
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    for i, (name, p) in enumerate(rows.items()):
+        colour = colours[i % len(colours)]
+        points = [xy(b["predicted"], b["observed"]) for b in reliability_bins(p, labels)]
+        draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((size + 2 * pad, pad + 18 * i), name, fill=colour)
+    image.save(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="*", default=[], type=Path, help="bench_nodules_cv.py output folders")
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--png", type=Path, help="write the reliability diagram here")
+    args = parser.parse_args()
+    table = DATA / "nodules" / "labels.csv"
+    if not table.is_file():
+        raise SystemExit(f"{table} is missing: this benchmark needs ../shared/data/nodules")
+    start = time.time()
+    cases = read_nodule_table(str(table))
+    labels = np.array([c.label for c in cases])
+    patients = [c.patient for c in cases]
+    folds = grouped_folds(patients, 5, strata=labels, seed=0)
+    features = feature_matrix(table)
+    rows = {"diameter LR": logistic_oof(features[:, :1], labels, folds),
+            "measured-features LR": logistic_oof(features, labels, folds)}
+    for folder in args.runs:
+        rows[folder.name] = cnn_probabilities(folder, folds, labels)
+    print(f"{len(labels)} nodules, {labels.sum()} malignant, {len(set(patients))} patients, 5 patient-grouped folds "
+          f"(seed 0); features: {', '.join(FEATURE_NAMES)}; {time.time() - start:.0f} s to measure")
+    print("| model | AUC | accuracy | sens@90%spec | Brier | ECE | mean over folds: AUC, accuracy "
+          "| AUC minus features LR (paired) |")
+    print("|---|---|---|---|---|---|---|---|")
+    reference = rows["measured-features LR"]
+    for name, p in rows.items():
+        s = summarise(p, labels, patients, args.resamples)
+        f = per_fold_mean(p, labels, folds)
+        diff = "-" if p is reference else fmt(paired_auc_difference(p, reference, labels, patients, args.resamples))
+        print(f"| {name} | {fmt(s['AUC'])} | {fmt(s['accuracy'])} | {fmt(s['sensitivity at 90% specificity'])} "
+              f"| {fmt(s['Brier score'])} | {fmt(s['ECE'])} | {f['AUC']:.3f} +- {f['AUC_sd']:.3f}, {f['accuracy']:.3f} +- "
+              f"{f['accuracy_sd']:.3f} | {diff} |")
+    if args.png:
+        reliability_png(rows, labels, args.png)
+        print(f"reliability diagram: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
