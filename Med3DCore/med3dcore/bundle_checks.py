@@ -6,7 +6,7 @@ a ``task`` that is a string, labels without names, colours given as words, a dep
 and raises one :class:`Med3DError` naming the field, so one bad file in a models folder is reported as unusable
 instead of breaking whatever lists the folder.
 
-Bundles written by :func:`med3dcore.weights.save_bundle` carry ``content_sha256``: a SHA-256 over every field
+Bundles written by :func:`med3dcore.bundles.save_bundle` carry ``content_sha256``: a SHA-256 over every field
 (weights and metadata) but itself. A file whose bytes changed after saving (a damaged copy, flipped bits, an
 edit) no longer matches and is refused; bundles written before checksums existed have none and still load.
 """

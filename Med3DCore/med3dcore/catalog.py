@@ -162,7 +162,8 @@ def _remember(folder: Path, model: KnownModel, path: Path, sha: str, how: str, s
 
 def check_architecture(path: Path, model: KnownModel) -> None:
     """``path`` must hold a MedicalNet 3D-ResNet of ``model``'s depth and shortcut (imports torch)."""
-    from .weights import describe_architecture, inspect_file
+    from .bundles import inspect_file
+    from .medicalnet import describe_architecture
 
     info = inspect_file(path)
     found = {k: info[k] for k in ("depth", "shortcut_type", "preact")}

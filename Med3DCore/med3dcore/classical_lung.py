@@ -157,7 +157,7 @@ def segment_lungs(volume: Volume, reporter: Optional[Reporter] = None) -> Classi
     """
     reporter = reporter or null_reporter
     if not isinstance(volume, Volume):
-        raise Med3DError(f"segment_lungs needs a Volume (see med3dcore.volume.read_volume), got "
+        raise Med3DError(f"segment_lungs needs a Volume (see med3dcore.volume_files.read_volume), got "
                          f"{type(volume).__name__}")
     check_ct(volume.array)
     started = time.perf_counter()

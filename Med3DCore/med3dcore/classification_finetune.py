@@ -16,14 +16,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import save_npy_atomically, source_stamp
+from .devices import resolve_device
 from .errors import Med3DError
 from .finetune import (build_initialised_model, encoder_head_groups, freeze_encoder_parts, grouped_split,
                        learning_rates, run_bundle_path, start_fresh)
 from .metrics import accuracy, auc, brier, expected_calibration_error, fit_temperature
 from .nodules import CLASS_NAMES, NoduleCase, NoduleInputSpec, prepare_nodule
 from .progress import Reporter, make_event, null_reporter
-from .volume import read_volume
+from .safe_io import os_reason
+from .training_data import save_npy_atomically, source_stamp
+from .volume_files import read_volume
 
 @dataclass
 class ClassificationSettings:
@@ -213,22 +215,37 @@ def cube_cache_path(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_di
     return Path(cache_dir) / f"nodule_cubes-{key}.npy"
 
 
+def load_cached_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path) -> Optional[np.ndarray]:
+    """The cubes :func:`store_cubes` kept for exactly these cases and spec, else None (also for a damaged entry,
+    which is then prepared and stored again). Writes nothing."""
+    path = cube_cache_path(cases, spec, cache_dir)
+    if not path.is_file():
+        return None
+    try:
+        cubes = np.load(path)
+    except (OSError, ValueError):
+        return None
+    return cubes if cubes.shape == (len(cases), 1, spec.cube, spec.cube, spec.cube) and cubes.dtype == np.float32 \
+        else None
+
+
+def store_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path, cubes: np.ndarray) -> None:
+    """Keep prepared cubes for the next run on the same table (through the one write path)."""
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Med3DError(f"cannot create the cube cache folder {cache_dir}: {os_reason(exc)}") from None
+    save_npy_atomically(cube_cache_path(cases, spec, cache_dir), cubes)
+
+
 def cached_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path,
                  reporter: Optional[Reporter] = None) -> np.ndarray:
     """:func:`prepare_cases` once per table and spec: later runs load the cubes from the cache (the 823 LIDC cubes
     take ~10 s to prepare, a third of a short run)."""
-    path = cube_cache_path(cases, spec, cache_dir)
-    shape = (len(cases), 1, spec.cube, spec.cube, spec.cube)
-    if path.is_file():
-        try:
-            cubes = np.load(path)
-            if cubes.shape == shape and cubes.dtype == np.float32:
-                return cubes
-        except (OSError, ValueError):  # a damaged entry is rebuilt
-            pass
-    cubes = prepare_cases(cases, spec, reporter)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_npy_atomically(path, cubes)
+    cubes = load_cached_cubes(cases, spec, cache_dir)
+    if cubes is None:
+        cubes = prepare_cases(cases, spec, reporter)
+        store_cubes(cases, spec, cache_dir, cubes)
     return cubes
 
 
@@ -249,8 +266,9 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     are the training patients' ids (so ``med3d evaluate`` can say when it is shown them again). Returns a dict with
     the bundle path, the validation metrics and probabilities (calibrated) and the calibration record.
     """
-    from . import weights
-    from .train import TrainConfig, seed_everything, train
+    from . import bundles, checkpoint_files
+    from .train import train
+    from .training_setup import TrainConfig, seed_everything
 
     settings = settings or ClassificationSettings()
     spec = spec or NoduleInputSpec()
@@ -259,8 +277,12 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     bundle_path = run_bundle_path(out_dir, name, overwrite, resume)
     labels = np.array([c.label for c in cases], dtype=np.int64)
     cache = Path(settings.cache_dir) if settings.cache_dir else out_dir / name / "cache"
+    to_store = []  # written to the cache only once every input has been checked (below)
     if cubes is None:
-        cubes = cached_cubes(cases, spec, cache, reporter)
+        cubes = load_cached_cubes(cases, spec, cache)
+        if cubes is None:
+            cubes = prepare_cases(cases, spec, reporter)
+            to_store.append((cases, cubes))
     if val_cases is None:
         train_idx, val_idx = grouped_split([c.patient for c in cases], settings.val_fraction, labels, settings.seed)
         val_labels, val_cubes = labels[val_idx], cubes[val_idx]
@@ -273,14 +295,20 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
                     "validation_patient_sha256": recorded_patients(val_cases)}
         val_labels = np.array([c.label for c in val_cases], dtype=np.int64)
         if val_cubes is None:
-            val_cubes = cached_cubes(val_cases, spec, cache, reporter)
+            val_cubes = load_cached_cubes(val_cases, spec, cache)
+            if val_cubes is None:
+                val_cubes = prepare_cases(val_cases, spec, reporter)
+                to_store.append((val_cases, val_cubes))
         val_patients = sorted({c.patient for c in val_cases})
     if len(set(labels.tolist())) < 2:
         raise Med3DError("the training cases hold only one class; a classifier needs benign and malignant cases")
 
     seed_everything(settings.seed)
     model, provenance = build_initialised_model({"type": "classifier", "num_classes": 2}, init, backbone)
+    resolve_device(settings.device)  # a device this machine lacks is refused before anything is written
     start_fresh(out_dir / name, overwrite, resume)  # every new input read and checked by now
+    for stored_cases, stored_cubes in to_store:
+        store_cubes(stored_cases, spec, cache, stored_cubes)
     lr, head_lr = learning_rates(settings.lr, settings.head_lr, provenance["init"] != "scratch")
     frozen = freeze_encoder_parts(model, settings.freeze)
     config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=head_lr, pretrained_lr=lr,
@@ -299,14 +327,14 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     result = train(model, config, sampler.next_batch, classification_loss, out_dir / name,
                    groups=encoder_head_groups(model, lr, head_lr), validate=validate,
                    stateful={"sampler": sampler}, reporter=reporter, resume=resume, stage="finetune")
-    best_state = weights.safe_load(result.best_path)["model"] if result.best_path else model.state_dict()
+    best_state = checkpoint_files.safe_load(result.best_path)["model"] if result.best_path else model.state_dict()
     model.load_state_dict(best_state)
     logits = predict_logits(model, val_cubes)
     calibration = calibrate(logits, val_labels)
     probs = softmax_with_temperature(logits, calibration["temperature"])
     metrics = classification_metrics(probs, val_labels)  # of the calibrated probabilities the bundle gives
     reporter(make_event("finetune", kind="message", message=calibration_summary(calibration)))
-    weights.save_bundle(
+    bundles.save_bundle(
         bundle_path, model=model.cpu(), architecture=provenance["architecture"],
         task={"type": "classification", "name": "nodule"},
         labels=[{"value": i, "name": n} for i, n in enumerate(CLASS_NAMES)],

@@ -64,9 +64,9 @@ LEARNING_RATE = 1e-3
 
 def _lung_domain(folder: Path, count: int, seed: int):
     """Torso phantoms with lung labels (nodules inside the lungs count as lung), as a fine-tuning domain."""
-    from .data import Case, Domain
+    from .domains import Case, Domain
     from .phantoms import make_ct_phantom
-    from .volume import write_volume
+    from .volume_files import write_volume
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def _nodule_cases(folder: Path, per_kind: int, seed: int, prefix: str):
     """Nodule crops of both kinds with masks on disk, one patient per crop."""
     from .nodules import CLASS_NAMES, NoduleCase
     from .phantoms import make_nodule_crop
-    from .volume import write_volume
+    from .volume_files import write_volume
 
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
@@ -108,7 +108,7 @@ def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 def _classify_all(model: Path, cases, device: str) -> Dict[str, float]:
     from .infer import classify, load_model
     from .metrics import accuracy, auc
-    from .volume import read_volume
+    from .volume_files import read_volume
 
     model = load_model(model)  # once, not per case
     scores, predicted, truth = [], [], []
@@ -141,7 +141,7 @@ def run_demo(out_dir: Path, quick: bool = False, device: str = "auto", seed: int
     from .overlay import write_overlay
     from .phantoms import make_ct_phantom, write_phantom_domains
     from .pretrain import pretrain
-    from .volume import write_volume
+    from .volume_files import write_volume
 
     reporter = reporter or null_reporter
     size = QUICK if quick else FULL

@@ -162,7 +162,7 @@ def build_initialised_model(head: Mapping[str, Any], init: Optional[str],
     entries override ResNet-10 shortcut B), or a file holding a 3D-ResNet (Med3D bundle, MedicalNet release, state
     dict), whose depth and shortcut type it takes; a ``backbone`` entry that contradicts the file is an error.
     ``None`` values in ``backbone`` mean "not asked". Returns (model, provenance)."""
-    from . import weights
+    from . import bundles, medicalnet
 
     asked = {k: v for k, v in (backbone or {}).items() if v is not None}
     if init in (None, "", "scratch"):
@@ -175,15 +175,15 @@ def build_initialised_model(head: Mapping[str, Any], init: Optional[str],
     if not path.is_file():
         raise Med3DError(f"--init {init}: no such file or catalog name; give a Med3D bundle, a MedicalNet .pth "
                          "file, a catalog name (med3d models list) or 'scratch'")
-    info = weights.inspect_file(path)
+    info = bundles.inspect_file(path)
     found = {k: info[k] for k in ("depth", "shortcut_type", "preact")}
     if any(found.get(k) != v for k, v in asked.items()):
-        wanted = weights.describe_architecture({**found, **asked})
-        raise Med3DError(f"--init {path} holds {weights.describe_architecture(found)}, but {wanted} was asked; "
+        wanted = medicalnet.describe_architecture({**found, **asked})
+        raise Med3DError(f"--init {path} holds {medicalnet.describe_architecture(found)}, but {wanted} was asked; "
                          "leave out --depth/--shortcut to use the file's network, or start from scratch")
     arch = {"backbone": found, "head": dict(head)}
     model = build_model(arch)
-    weights.load_medicalnet(model, path)
+    medicalnet.load_medicalnet(model, path)
     provenance = {"init": str(path), "init_format": info["format"], "architecture": arch}
     if catalog:
         provenance.update(init_catalog=catalog[1].name, init_sha256=catalog[2])
@@ -192,6 +192,6 @@ def build_initialised_model(head: Mapping[str, Any], init: Optional[str],
 
 def encoder_head_groups(model: Med3DNet, encoder_lr: float, head_lr: float) -> List[Dict[str, Any]]:
     """Optimiser groups through the training loop's helper: encoder at ``encoder_lr``, new layers at ``head_lr``."""
-    from .train import param_groups
+    from .training_setup import param_groups
 
     return param_groups(model, lr=head_lr, pretrained_lr=encoder_lr)

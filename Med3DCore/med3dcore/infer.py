@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .bundles import Bundle, load_bundle, model_from_bundle
 from .devices import describe_precision, resolve_device, resolve_precision
 from .errors import Med3DError
 from .nets.model import Med3DNet, build_model
@@ -29,7 +30,6 @@ from .progress import Reporter, make_event, null_reporter
 from .safe_io import regular_file
 from .sliding import make_predictor, sliding_window
 from .volume import Volume, smallest_label_dtype
-from .weights import Bundle, load_bundle, model_from_bundle
 
 ModelLike = Union[str, "os.PathLike[str]", Bundle]
 
@@ -96,9 +96,10 @@ def load_model(model: ModelLike) -> Bundle:
 
 
 def find_task_model(task: str) -> Optional[Path]:
-    """The one segmentation model for ``task`` in the models folder (``weights.models_dir()``), None when there is
+    """The one segmentation model for ``task`` in the models folder (``catalog.models_dir()``), None when there is
     none; several are a Med3DError (the user must choose)."""
-    from .weights import list_models, models_dir
+    from .bundles import list_models
+    from .catalog import models_dir
 
     folder = models_dir()
     found = [m for m in list_models(folder)
@@ -114,7 +115,7 @@ def choose_method(model: Optional[ModelLike], task: Optional[str], method: str =
     """("model", the model or the task's model from the models folder) or ("classical", None), as
     :func:`segment` decides for ``method`` (see :data:`METHODS`); a combination that cannot work is a Med3DError
     saying what to give instead."""
-    from .weights import models_dir
+    from .catalog import models_dir
 
     if method not in METHODS:
         raise Med3DError(f"unknown segmentation method {method!r}; choose {', '.join(METHODS)}")
@@ -327,7 +328,8 @@ def segment(volume: Volume, model: Optional[ModelLike] = None, task: Optional[st
     reporter = reporter or null_reporter
     opts = _options(options)
     if not isinstance(volume, Volume):
-        raise Med3DError(f"segment needs a Volume (see med3dcore.volume.read_volume), got {type(volume).__name__}")
+        raise Med3DError(f"segment needs a Volume (see med3dcore.volume_files.read_volume), got "
+                         f"{type(volume).__name__}")
     chosen, model = choose_method(model, task, method)
     if chosen == "classical":
         from .classical_lung import LUNG_LABELS, segment_lungs
@@ -386,7 +388,8 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
     :func:`probability_temperature`) and the box used.
     """
     if not isinstance(volume, Volume):
-        raise Med3DError(f"classify needs a Volume (see med3dcore.volume.read_volume), got {type(volume).__name__}")
+        raise Med3DError(f"classify needs a Volume (see med3dcore.volume_files.read_volume), got "
+                         f"{type(volume).__name__}")
     if roi is not None and mask is not None:
         raise Med3DError("give either an ROI (centre and size) or a mask, not both")
     bundle = load_model(model)

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import limits
-from .data import read_csv_rows
+from .domains import read_csv_rows
 from .errors import Med3DError
 from .volume import Volume
 

@@ -32,7 +32,8 @@ import numpy as np
 
 from .errors import Med3DError
 from .safe_io import write_text
-from .volume import Volume, write_volume
+from .volume import Volume
+from .volume_files import write_volume
 
 # Label values of the full phantom label map.
 LABEL_NAMES: Dict[int, str] = {1: "lung", 2: "liver", 3: "liver_tumour", 4: "bone", 5: "lung_nodule"}

@@ -1,6 +1,6 @@
 """Med3D multi-domain co-training: one shared 3D-ResNet encoder, one small branch per domain.
 
-Each domain of a run config (see :mod:`med3dcore.data`) keeps its own label space and gets its own branch, a
+Each domain of a run config (see :mod:`med3dcore.domains`) keeps its own label space and gets its own branch, a
 :class:`~med3dcore.nets.heads.CoarseSegHead` (1x1x1 convolution to the domain's classes, trilinear upsampling to
 the input size). Every step trains on a batch of one domain: only the encoder and that domain's branch get
 gradients; the other branches keep ``grad=None`` and Adam leaves them bit for bit unchanged. Loss:
@@ -13,7 +13,7 @@ At the end the encoder is exported twice into the output folder:
   ``extra["branches"]`` holds every branch; ``provenance`` records domains (cases, labels, spacing,
   preprocessing), steps, batch and patch size, and the final loss of each domain;
 - ``medicalnet_resnet<depth>.pth``: ``{"state_dict": {"module.<key>": tensor}}``, read by
-  :func:`~med3dcore.weights.load_medicalnet` and by anything that reads MedicalNet weights.
+  :func:`~med3dcore.medicalnet.load_medicalnet` and by anything that reads MedicalNet weights.
 """
 from __future__ import annotations
 
@@ -25,15 +25,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from . import weights
-from .data import PatchSampler, PreparedCases, RunConfig, domain_spec, load_run_config, validate_domains
+from . import bundles, medicalnet
+from .distributed import distributed_context, training_device
+from .domains import RunConfig, load_run_config
 from .errors import Med3DError
 from .safe_io import os_reason
 from .nets.heads import CoarseSegHead
 from .nets.model import Med3DNet, build_encoder
 from .progress import Reporter, make_event, null_reporter
-from .train import (TrainConfig, TrainResult, ce_dice_loss, distributed_context, seed_everything, train,
-                    training_device)
+from .train import TrainResult, train
+from .training_data import PatchSampler, PreparedCases, domain_spec, validate_domains
+from .training_setup import TrainConfig, ce_dice_loss, seed_everything
 
 SAMPLING_KEYS = ("patch_size", "foreground_share", "domain_sampling")
 DEFAULT_PATCH = (32, 32, 32)
@@ -233,7 +235,7 @@ def export_encoder(model: MultiDomainNet, run: RunConfig, spacings: Mapping[str,
     branches = {d.name: {"num_classes": d.num_classes, "labels": d.labels_list(),
                          "state_dict": {k: v.detach().clone() for k, v in model.branches[d.name].state_dict().items()}}
                 for d in run.domains}
-    weights.save_bundle(
+    bundles.save_bundle(
         bundle_path, net, architecture=architecture, task={"type": "encoder", "name": run.name},
         labels=[], preprocessing=None,
         provenance={"data": {"config": str(run.path), "domains": domains}, "steps": config.total_steps,
@@ -241,4 +243,4 @@ def export_encoder(model: MultiDomainNet, run: RunConfig, spacings: Mapping[str,
                     "processes": world_size, "training": config.to_dict(),
                     "metrics": {f"final_loss[{n}]": v for n, v in losses.items()}},
         extra={"branches": branches, "head_is_branch_of": first.name}, overwrite=overwrite)
-    weights.export_medicalnet(model.encoder, medicalnet_path, overwrite=overwrite)
+    medicalnet.export_medicalnet(model.encoder, medicalnet_path, overwrite=overwrite)

@@ -72,8 +72,8 @@ def _stale(target: Path, sources) -> bool:
 def _real_lung(path: Path, image, label_map: Optional[Mapping[int, int]]):
     """A real mask as the lung preset's label map (1 = lung): ``label_map`` values mapped to 1 (e.g. the lobes of
     a TotalSegmentator map), or every non-zero value when there is none; on the image's grid (checked)."""
-    from .data import GEOMETRY_TOLERANCE
-    from .volume import read_volume
+    from .training_data import GEOMETRY_TOLERANCE
+    from .volume_files import read_volume
 
     mask = read_volume(path)
     if not mask.same_geometry(image, GEOMETRY_TOLERANCE):
@@ -95,16 +95,16 @@ def classical_lung_domain(images: Path, work_dir: Path, name: str = "lung", real
     source values that are lung, e.g. {10: 1, 11: 1, ...}); every other case takes the classical method's lungs.
     The labels are written under ``work_dir/pseudo_labels`` and remade only when their scan or mask changes."""
     from .classical_lung import segment_lungs
-    from .data import Case, Domain, _case_key, _image_files
-    from .volume import read_volume, write_volume
+    from .domains import Case, Domain, case_key, image_files
+    from .volume_files import read_volume, write_volume
 
     reporter = reporter or null_reporter
     images = Path(images)
-    files = _image_files(images)
+    files = image_files(images)
     if not files:
         raise Med3DError(f"no scans in {images}; give a folder of CT files (NIfTI, NRRD, MHA) or DICOM folders")
-    real = {_case_key(p): p for p in _image_files(Path(real_labels))} if real_labels else {}
-    unknown = sorted(set(real) - {_case_key(p) for p in files})
+    real = {case_key(p): p for p in image_files(Path(real_labels))} if real_labels else {}
+    unknown = sorted(set(real) - {case_key(p) for p in files})
     if unknown:
         raise Med3DError(f"real labels {', '.join(unknown)} in {real_labels} match no scan in {images}; name each "
                          "mask as its scan")
@@ -112,7 +112,7 @@ def classical_lung_domain(images: Path, work_dir: Path, name: str = "lung", real
     folder.mkdir(parents=True, exist_ok=True)
     cases, sources = [], {}
     for n, path in enumerate(files):
-        case_id = _case_key(path)
+        case_id = case_key(path)
         kind = "real" if case_id in real else "classical"
         target = folder / f"{case_id}.{kind}.nii.gz"
         origins = [path] + ([real[case_id]] if kind == "real" else [])

@@ -122,7 +122,7 @@ class RotatingSampler:
 def segmentation_loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The pretraining loss (cross-entropy plus soft Dice over the foreground classes; Dice keeps small structures
     from vanishing) on one batch."""
-    from .train import ce_dice_loss
+    from .training_setup import ce_dice_loss
 
     device = next(model.parameters()).device
     return ce_dice_loss(model(batch["image"].to(device)), batch["label"].to(device)), {}
@@ -149,9 +149,10 @@ def _run_stage(domain: Any, val_domain: Any, spacing: Sequence[float], head: Map
                values: Sequence[int], run_dir: Path, reporter: Reporter, resume: bool, stage: str,
                rotate: bool) -> Tuple[Med3DNet, Dict[str, Any], Dict[str, Any]]:
     """Train one network (encoder + ``head``) on patches of ``domain`` at ``spacing``; best by validation Dice."""
-    from . import weights
-    from .data import PatchSampler, PreparedCases
-    from .train import TrainConfig, seed_everything, train
+    from . import checkpoint_files
+    from .training_data import PatchSampler, PreparedCases
+    from .train import train
+    from .training_setup import TrainConfig, seed_everything
 
     cache = Path(settings.cache_dir) if settings.cache_dir else run_dir / "cache"
     spacings = {domain.name: tuple(spacing)}
@@ -177,7 +178,7 @@ def _run_stage(domain: Any, val_domain: Any, spacing: Sequence[float], head: Map
                    stateful={"sampler": sampler},
                    reporter=reporter, resume=resume, stage=stage)
     if result.best_path:
-        model.load_state_dict(weights.safe_load(result.best_path)["model"])
+        model.load_state_dict(checkpoint_files.safe_load(result.best_path)["model"])
     model.cpu().eval()
     provenance.update({"frozen": sorted({n.split(".")[1] for n in frozen}), "best": result.best,
                        "learning_rates": {"encoder": lr, "head": head_lr}})
@@ -192,7 +193,7 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
                           val_cases: Optional[Sequence[str]] = None, reporter: Optional[Reporter] = None,
                           resume: bool = False, overwrite: bool = False,
                           label_sources: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
-    """Fine-tune a segmentation model on one domain (:class:`med3dcore.data.Domain`) and write
+    """Fine-tune a segmentation model on one domain (:class:`med3dcore.domains.Domain`) and write
     ``out_dir/<name>.pt``.
 
     ``preset`` ``"lung"`` or ``"liver"`` fixes labels, colours, terminology, head, spacing and CT window (liver:
@@ -202,8 +203,8 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
     0 trains on every case without validation (the last weights are kept). ``label_sources`` (case id ->
     "real" | "classical" | "synthetic", default "real") is recorded in the bundle's provenance.
     """
-    from . import weights
-    from .data import validate_domains
+    from . import bundles
+    from .training_data import validate_domains
     from .pseudo_labels import label_sources_record
 
     settings = settings or SegmentationSettings()
@@ -265,7 +266,7 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
                                          init, backbone, values, fine_dir, reporter, fine_resume, "finetune",
                                          rotate=preset == "liver")
     metrics = (provenance["best"] or {}).get("metrics", {})
-    weights.save_bundle(
+    bundles.save_bundle(
         bundle_path, model, architecture=provenance["architecture"],
         task={"type": "segmentation", "name": preset or name}, labels=labels, preprocessing=spec,
         provenance={"data": {"domain": domain.name, "train_cases": [c.case_id for c in train_domain.cases],

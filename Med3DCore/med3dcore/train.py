@@ -4,13 +4,15 @@
 it minimises come from two callbacks, so the same loop serves every task:
 
 - ``next_batch(step) -> batch``: this process's share of the global batch for ``step`` (1-based). Under torchrun
-  each rank returns its own ``batch_size / world_size`` samples (see :func:`distributed_context`).
+  each rank returns its own ``batch_size / world_size`` samples
+  (see :func:`~med3dcore.distributed.distributed_context`).
 - ``compute_loss(model, batch) -> (loss, metrics)``: a scalar tensor and a dict of floats (strings such as a
   domain name are passed through to progress events). It is called once per micro-batch (below).
 
-Around them the loop provides: per-parameter-group learning rates (:func:`param_groups`: pretrained encoder vs new
-layers), weight decay, warm-up + constant/poly/cosine schedules, gradient clipping, mixed precision on CUDA (bf16,
-or fp16 with a GradScaler; always off on CPU), atomic checkpoints every N steps (``checkpoints/last.pt``), exact
+Around them the loop provides: per-parameter-group learning rates
+(:func:`~med3dcore.training_setup.param_groups`: pretrained encoder vs new layers), weight decay, warm-up +
+constant/poly/cosine schedules, gradient clipping, mixed precision on CUDA (bf16, or fp16 with a GradScaler;
+always off on CPU), atomic checkpoints every N steps (``checkpoints/last.pt``), exact
 resume (step, model, optimiser, scheduler, GradScaler, the state of every object in ``stateful`` such as the
 sampler, and the python/numpy/torch random states), optional validation every N steps that keeps
 ``checkpoints/best.pt`` by a named metric, and progress events through the reporter.
@@ -39,129 +41,31 @@ Fine-tuning uses it like this::
     result = train(model, cfg, next_batch=sampler.next_batch, compute_loss=seg_loss, out_dir=out,
                    groups=groups, validate=lambda m: {"dice": ...}, stateful={"sampler": sampler},
                    reporter=reporter, resume=args.resume, stage="finetune")
-    best weights: result.best_path (or result.last_path); then save a bundle with weights.save_bundle.
+    best weights: result.best_path (or result.last_path); then save a bundle with bundles.save_bundle.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
-from .devices import describe_device, resolve_device
+from .checkpoint_files import atomic_save, safe_load
+from .devices import describe_device
+from .distributed import average_grads_and_loss, broadcast_model, distributed_context, running_stats, training_device
 from .errors import Med3DError
 from .progress import Reporter, make_event, null_reporter
 from .safe_io import clean_stale
-from .weights import atomic_save, safe_load
+from .training_setup import TrainConfig, lr_factor, make_adam, param_groups, rng_state, set_rng_state, training_layout
 
-SCHEDULES = ("constant", "poly", "cosine")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
+
 CHECKPOINT_FORMAT = "med3d-train-checkpoint"
 
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run (all JSON-able, recorded in every checkpoint).
-
-    Give ``steps``, or ``epochs`` and ``steps_per_epoch`` (then steps = epochs * steps_per_epoch).
-    ``batch_size`` is the global batch over all processes; ``micro_batch`` is the BatchNorm group size.
-    """
-    steps: int = 100
-    epochs: Optional[int] = None
-    steps_per_epoch: Optional[int] = None
-    batch_size: int = 2
-    micro_batch: Optional[int] = None
-    lr: float = 1e-3
-    pretrained_lr: Optional[float] = None
-    weight_decay: float = 0.0
-    schedule: str = "poly"
-    poly_power: float = 0.9
-    warmup_steps: int = 0
-    grad_clip: Optional[float] = None
-    amp: str = "auto"
-    checkpoint_every: int = 50
-    validate_every: int = 0
-    best_metric: Optional[str] = None
-    best_mode: str = "max"
-    log_every: int = 1
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        self._coerce_numbers()
-        if self.epochs is not None:
-            if not self.steps_per_epoch or self.epochs < 1 or self.steps_per_epoch < 1:
-                raise Med3DError("epochs needs steps_per_epoch >= 1 (and epochs >= 1); or give steps instead")
-            self.steps = int(self.epochs) * int(self.steps_per_epoch)
-        checks = [
-            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (self.micro_batch is None or self.micro_batch >= 1, f"micro_batch must be >= 1, got {self.micro_batch}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.pretrained_lr is None or self.pretrained_lr >= 0, "pretrained_lr must not be negative"),
-            (self.weight_decay >= 0, f"weight_decay must not be negative, got {self.weight_decay}"),
-            (self.schedule in SCHEDULES, f"schedule '{self.schedule}' unknown; choose {', '.join(SCHEDULES)}"),
-            (self.amp in AMP_MODES, f"amp '{self.amp}' unknown; choose {', '.join(AMP_MODES)}"),
-            (self.warmup_steps >= 0, "warmup_steps must not be negative"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive (or null for none)"),
-            (self.checkpoint_every >= 0, "checkpoint_every must not be negative (0: only at the end)"),
-            (self.validate_every >= 0, "validate_every must not be negative (0: only at the end)"),
-            (self.best_mode in ("max", "min"), f"best_mode must be 'max' or 'min', got '{self.best_mode}'"),
-            (self.log_every >= 1, "log_every must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise Med3DError(f"training config: {message}")
-
-    def _coerce_numbers(self) -> None:
-        # Config files give strings at times (YAML reads 1e-3 as text): convert, or say which setting is wrong.
-        ints = ("steps", "epochs", "steps_per_epoch", "batch_size", "micro_batch", "warmup_steps",
-                "checkpoint_every", "validate_every", "log_every", "seed")
-        floats = ("lr", "pretrained_lr", "weight_decay", "poly_power", "grad_clip")
-        for name in ints + floats:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            try:
-                number = float(value)
-                if name in ints:
-                    if number != int(number):
-                        raise ValueError
-                    number = int(number)
-            except (TypeError, ValueError, OverflowError):
-                kind = "a whole number" if name in ints else "a number"
-                raise Med3DError(f"training config: {name} must be {kind}, got {value!r}") from None
-            if not math.isfinite(number):  # lr=inf would turn every weight into NaN at the first update
-                raise Med3DError(f"training config: {name} must be a finite number, got {value!r}")
-            setattr(self, name, number)
-
-    @property
-    def total_steps(self) -> int:
-        return int(self.steps)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """Build from a config file's ``training`` section; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise Med3DError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        try:
-            return cls(**dict(values))
-        except TypeError as exc:
-            raise Med3DError(f"training config: {exc}") from None
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -176,116 +80,6 @@ class TrainResult:
     validations: List[Dict[str, Any]] = field(default_factory=list)  # {"step", metric: value, ...} per validation
 
 
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_context(device: Optional[torch.device] = None) -> DistContext:
-    """The process's place in a torchrun job (rank 0 of 1 without torchrun).
-
-    Under torchrun (``WORLD_SIZE`` > 1 in the environment) the process group is started on first use: NCCL when
-    ``device`` is CUDA, gloo otherwise.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
-    import torch.distributed as dist
-    if not dist.is_available():
-        raise Med3DError("torchrun started several processes, but this PyTorch build has no torch.distributed")
-    if not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def training_device(name: str = "auto") -> torch.device:
-    """The device this process trains on: under torchrun on CUDA, the GPU of its ``LOCAL_RANK``."""
-    device = resolve_device(name)
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (call before building a model so initial weights are reproducible)."""
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def param_groups(model: nn.Module, lr: float, pretrained_lr: Optional[float] = None,
-                 pretrained_prefix: str = "encoder.") -> List[Dict[str, Any]]:
-    """Optimiser groups: parameters under ``pretrained_prefix`` at ``pretrained_lr`` (default ``lr``), the rest
-    (new layers) at ``lr``. Frozen parameters (``requires_grad=False``) are left out."""
-    pretrained, new = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (pretrained if name.startswith(pretrained_prefix) else new).append(p)
-    groups = []
-    if pretrained:
-        groups.append({"name": "pretrained", "params": pretrained, "lr": lr if pretrained_lr is None else pretrained_lr})
-    if new:
-        groups.append({"name": "new", "params": new, "lr": lr})
-    if not groups:
-        raise Med3DError("the model has no trainable parameters; unfreeze some layers before training")
-    return groups
-
-
-ADAM_KINDS = ("auto", "fused", "foreach", "loop")
-
-
-def make_adam(groups: Sequence[Dict[str, Any]], lr: float, weight_decay: float, kind: str = "auto"
-              ) -> torch.optim.Adam:
-    """Adam in its fastest form this torch build has for the parameters' device: ``fused`` (one kernel over all
-    parameters; on CPU 4-5x faster than the per-parameter loop, Testing/benchmarks/bench_train_step.py), else
-    ``foreach`` (multi-tensor), else ``loop`` (torch's default on CPU). The update is the same up to float
-    rounding. ``kind`` forces one form (benchmarks, tests); ``auto`` tries them in that order."""
-    if kind not in ADAM_KINDS:
-        raise Med3DError(f"unknown Adam form '{kind}'; choose one of: {', '.join(ADAM_KINDS)}")
-    forms = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
-    order = ["fused", "foreach", "loop"] if kind == "auto" else [kind]
-    groups = list(groups)
-    for index, name in enumerate(order):
-        try:
-            return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, **forms[name])
-        except (RuntimeError, TypeError, ValueError):  # this build or device lacks the form (e.g. fused on CPU
-            if index == len(order) - 1:               # before torch 2.4): the next one
-                raise
-    raise AssertionError("unreachable")
-
-
-def training_layout(model: nn.Module, device: torch.device) -> bool:
-    """Whether training runs channels-last 3D: on CPU for networks with a full-resolution decoder (segmentation
-    heads that upsample), where oneDNN's channels-last kernels make a step faster; not for classifiers on small
-    cubes, where it measured no gain (Testing/benchmarks/bench_train_step.py)."""
-    from .nets.heads import LungDecoderHead
-
-    head = getattr(model, "head", None)
-    return device.type == "cpu" and isinstance(head, LungDecoderHead)
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of the base learning rate for the update of ``step`` (0-based count of updates done)."""
-    total, warm = config.total_steps, config.warmup_steps
-    if warm and step < warm:
-        return (step + 1) / warm
-    if config.schedule == "constant":
-        return 1.0
-    progress = min(max((step - warm) / max(total - warm, 1), 0.0), 1.0)
-    if config.schedule == "poly":
-        return (1.0 - progress) ** config.poly_power
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     if device.type != "cuda" or config.amp == "off":
@@ -297,11 +91,13 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtyp
     return torch.float16
 
 
+
 def _make_scaler(enabled: bool) -> Any:
     amp = getattr(torch, "amp", None)
     if amp is not None and hasattr(amp, "GradScaler"):
         return amp.GradScaler("cuda", enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
+
 
 
 def split_batch(batch: Any, parts: int) -> List[Any]:
@@ -323,6 +119,7 @@ def split_batch(batch: Any, parts: int) -> List[Any]:
     return [batch] * parts
 
 
+
 def _batch_len(batch: Any) -> Optional[int]:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
@@ -334,28 +131,10 @@ def _batch_len(batch: Any) -> Optional[int]:
     return None
 
 
-def _rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"python": json.dumps(random.getstate()),
-             "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    kind, keys, *rest = json.loads(state["numpy"])
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
 
 
 def _nan_error(what: str, step: int, metrics: Mapping[str, Any], last_path: Path, last_step: int) -> Med3DError:
@@ -368,6 +147,7 @@ def _nan_error(what: str, step: int, metrics: Mapping[str, Any], last_path: Path
             "no checkpoint was written yet: start again with a lower learning rate or gradient clipping, or check "
             "the data" + (" of that domain" if "domain" in metrics else ""))
     return Med3DError(f"training stopped: {what} at {where}; {kept}")
+
 
 
 def _apply_new_rates(optimizer: torch.optim.Optimizer, scheduler: Any, saved: Mapping[str, Any],
@@ -388,6 +168,7 @@ def _apply_new_rates(optimizer: torch.optim.Optimizer, scheduler: Any, saved: Ma
         group["initial_lr"] = base
         group["lr"] = base * factor
     return f"learning rate {config.lr:g} (the checkpoint had {saved.get('lr')})"
+
 
 
 def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any],
@@ -457,7 +238,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         scaler.load_state_dict(ckpt["scaler"])
         for name, obj in stateful.items():
             obj.load_state_dict(json.loads(ckpt["stateful"][name]))
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         start_step = int(ckpt["step"])
         history = json.loads(ckpt["history"])
         validations = json.loads(ckpt.get("validations") or "[]")  # absent in checkpoints of med3dcore 0.1
@@ -466,7 +247,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         raise Med3DError(f"{last_path} exists from an earlier run; pass --resume to continue it or choose a new "
                          "output folder")
     if ctx.world_size > 1:
-        _broadcast_model(model)
+        broadcast_model(model)
 
     last_saved_step = start_step if resume else 0
 
@@ -480,7 +261,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "stateful": {n: json.dumps(o.state_dict()) for n, o in stateful.items()},
-                     "rng": _rng_state(), "history": json.dumps(history), "validations": json.dumps(validations),
+                     "rng": rng_state(), "history": json.dumps(history), "validations": json.dumps(validations),
                      "best": json.dumps(best) if best else None}, last_path)
         last_saved_step = step
 
@@ -520,7 +301,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     if per_rank % micro:
         raise Med3DError(f"each process holds {per_rank} samples per step, not a multiple of micro_batch {micro}")
     parts = per_rank // micro
-    bn_stats = _running_stats(model)
+    bn_stats = running_stats(model)
 
     for step in range(start_step + 1, config.total_steps + 1):
         batch = next_batch(step)
@@ -551,7 +332,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
         for b, acc in zip(bn_stats, bn_sum):
             b.copy_(acc / parts)
         if ctx.world_size > 1:
-            total_loss = _average_grads_and_loss(model, total_loss, ctx.world_size, bn_stats)
+            total_loss = average_grads_and_loss(model, total_loss, ctx.world_size, bn_stats)
         if not math.isfinite(total_loss):
             raise _nan_error(f"the loss became {total_loss}", step, text, last_path, last_saved_step)
         if config.grad_clip is not None:
@@ -586,8 +367,11 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
                        step=final_step, history=history, best=best, validations=validations)
 
 
+
 HISTORY_NAME = "history.json"
+
 CURVE_NAME = "training_curve.png"
+
 
 
 def write_training_record(out: Path, history: Sequence[Mapping[str, Any]], validations: Sequence[Mapping[str, Any]],
@@ -606,56 +390,3 @@ def write_training_record(out: Path, history: Sequence[Mapping[str, Any]], valid
                      title=f"{stage}: {out.name}")
     except (Med3DError, OSError) as exc:
         reporter(make_event(stage, kind="message", message=f"could not write the training curve: {exc}"))
-
-
-def _broadcast_model(model: nn.Module) -> None:
-    """Make every rank start from rank 0's weights and buffers."""
-    import torch.distributed as dist
-    for tensor in list(model.state_dict().values()):
-        dist.broadcast(tensor, src=0)
-
-
-def _running_stats(model: nn.Module) -> List[torch.Tensor]:
-    """BatchNorm running means and variances: averaged over micro-batches and ranks after every step."""
-    stats = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            stats += [module.running_mean, module.running_var]
-    return stats
-
-
-def _average_grads_and_loss(model: nn.Module, loss: float, world_size: int,
-                            stats: Sequence[torch.Tensor] = ()) -> float:
-    """Average over all ranks the gradients that exist (the same parameters on every rank, since all ranks train
-    the same branch), the BatchNorm running statistics and the loss; returns the mean loss."""
-    import torch.distributed as dist
-    tensors = [p.grad for p in model.parameters() if p.grad is not None] + list(stats)
-    device = tensors[0].device if tensors else next(model.parameters()).device
-    flat = torch.cat([t.reshape(-1).float() for t in tensors] +
-                     [torch.tensor([loss], dtype=torch.float32, device=device)])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return float(flat[-1])
-
-
-def ce_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy plus soft Dice loss for segmentation logits (N, C, K, J, I) and labels (N, K, J, I).
-
-    Dice is computed per sample and per foreground class (smoothed, so a class absent from both prediction and
-    truth counts as a match) and averaged; both terms are means over samples, so splitting a batch into equal
-    micro-batches and averaging gives the same loss.
-    """
-    logits = logits.float()
-    ce = torch.nn.functional.cross_entropy(logits, labels)
-    if logits.shape[1] < 2:
-        return ce
-    probs = torch.softmax(logits, dim=1)[:, 1:]
-    onehot = torch.nn.functional.one_hot(labels, logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
-    dims = (2, 3, 4)
-    smooth = 1.0
-    dice = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
-    return ce + (1.0 - dice.mean())

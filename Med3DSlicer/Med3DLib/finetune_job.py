@@ -46,7 +46,8 @@ def _safe_name(text: str) -> str:
 
 def export_segmentation_cases(cases: Sequence[SegmentationCase], folder: str) -> str:
     """Write images/ and labels/ (NIfTI) and ``cases.csv`` (image,label,patient_id); returns the CSV path."""
-    from med3dcore.volume import as_label_map, write_volume
+    from med3dcore.volume import as_label_map
+    from med3dcore.volume_files import write_volume
 
     if not cases:
         raise Med3DError("no training cases were chosen; pick at least one volume with its segmentation")
@@ -68,7 +69,7 @@ def export_segmentation_cases(cases: Sequence[SegmentationCase], folder: str) ->
 
 def export_nodule_cases(cases: Sequence[NoduleCase], folder: str) -> str:
     """Write the images and a classification table (image,label,roi,patient_id) as ``nodules.csv``."""
-    from med3dcore.volume import write_volume
+    from med3dcore.volume_files import write_volume
 
     if not cases:
         raise Med3DError("no training nodules were chosen; pick ROIs named with their class (benign/malignant)")

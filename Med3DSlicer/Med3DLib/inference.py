@@ -1,7 +1,7 @@
 """Starting the engine's work from the scene: inputs checked and exported to a work folder, the ``med3d``
 command started in the background (see :mod:`jobs`), and the loader that puts the result into the scene
 when the job ends. Slicer is imported inside functions; callers check dependencies before exporting
-(``med3dcore.volume`` needs nibabel, which a fresh Slicer lacks)."""
+(``med3dcore.volume_files`` needs nibabel, which a fresh Slicer lacks)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ SEGMENTATION_TASKS = ("lung", "liver")
 
 def export_input(kind: str, volumeNode: Any) -> Tuple[str, str]:
     """A new work folder holding a copy of the volume (NRRD: exact geometry); removed again if this fails."""
-    from med3dcore.volume import write_volume
+    from med3dcore.volume_files import write_volume
 
     folder = jobs.work_folder(kind)
     try:
@@ -54,7 +54,7 @@ def start_segment(volumeNode: Any, task: str, model: str, device: str = "auto",
     nodeId, volumeName = volumeNode.GetID(), volumeNode.GetName()
 
     def load(job: jobs.InferenceJob) -> Any:
-        from med3dcore.volume import read_volume
+        from med3dcore.volume_files import read_volume
 
         reference = still_there(nodeId, volumeName)
         result = scene.segmentation_from_labels(read_volume(output), job.state.result.get("labels") or [],
@@ -92,7 +92,7 @@ def start_classify(volumeNode: Any, roiNode: Any, model: str, device: str = "aut
     mask = None
     try:
         if maskNode is not None:
-            from med3dcore.volume import write_volume
+            from med3dcore.volume_files import write_volume
 
             labels = training_export.labels_from_segmentation(maskNode, volumeNode, scene.volume_from_node(volumeNode))
             mask = write_volume(labels, os.path.join(folder, "mask.nrrd"), compress=False)

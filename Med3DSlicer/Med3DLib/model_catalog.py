@@ -15,8 +15,8 @@ import pickle
 import zipfile
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-MODEL_SUFFIXES = (".pt", ".pth", ".ckpt")  # as med3dcore.weights.MODEL_SUFFIXES
-BUNDLE_FORMAT = "med3d-bundle"             # as med3dcore.weights.BUNDLE_FORMAT
+MODEL_SUFFIXES = (".pt", ".pth", ".ckpt")  # as med3dcore.checkpoint_files.MODEL_SUFFIXES
+BUNDLE_FORMAT = "med3d-bundle"             # as med3dcore.checkpoint_files.BUNDLE_FORMAT
 
 
 def models_folder() -> str:

@@ -52,10 +52,11 @@ def serve() -> None:
     med3dcore.cli.build_parser()
     # The command imports its engine lazily: import it here once (no torch work is done, so no thread pool exists
     # yet and forked children may use OpenMP).
-    for name in ("torch", "SimpleITK", "med3dcore.infer", "med3dcore.weights", "med3dcore.volume",
-                 "med3dcore.overlay", "med3dcore.train", "med3dcore.data", "med3dcore.finetune",
-                 "med3dcore.segmentation_finetune", "med3dcore.classification_finetune", "med3dcore.pretrain",
-                 "med3dcore.nodules"):
+    for name in ("torch", "SimpleITK", "med3dcore.infer", "med3dcore.checkpoint_files", "med3dcore.medicalnet",
+                 "med3dcore.bundles", "med3dcore.volume", "med3dcore.volume_files", "med3dcore.overlay",
+                 "med3dcore.train", "med3dcore.training_setup", "med3dcore.distributed", "med3dcore.domains",
+                 "med3dcore.training_data", "med3dcore.finetune", "med3dcore.segmentation_finetune",
+                 "med3dcore.classification_finetune", "med3dcore.pretrain", "med3dcore.nodules"):
         importlib.import_module(name)
     running = {}
     pending = b""

@@ -12,7 +12,8 @@ from med3dcore.classical_lung import LUNG_LABELS, refine_to_air, segment_lungs
 from med3dcore.errors import Med3DError
 from med3dcore.metrics import dice
 from med3dcore.phantoms import store_as
-from med3dcore.volume import Volume, read_volume
+from med3dcore.volume import Volume
+from med3dcore.volume_files import read_volume
 
 FULL_CHESTS = ["ct/chest_ct.nrrd", "ct/chest_ct_lidc1011.nii.gz", "ct/chest_ct_4dphase.nii.gz"]
 GUT = (6, 18, 19, 20)          # TotalSegmentator ct_total: stomach, small bowel, duodenum, colon

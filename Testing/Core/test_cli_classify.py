@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from med3dcore.bundles import save_bundle
 from med3dcore.cli import main
 from med3dcore.nets import build_model
 from med3dcore.nodules import NoduleInputSpec, prepare_nodule
-from med3dcore.volume import read_volume, write_volume
-from med3dcore.weights import save_bundle
+from med3dcore.volume_files import read_volume, write_volume
 
 SPEC = NoduleInputSpec(cube=24, spacing_mm=1.33)
 
@@ -56,7 +56,7 @@ def test_roi_gives_the_engine_probabilities(capsys, data_dir, chest, nodule_mode
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert result["roi_center_lps"] == pytest.approx(list(centre), abs=1e-2)
     # the same cube through the same network by hand
-    from med3dcore.weights import load_bundle, model_from_bundle
+    from med3dcore.bundles import load_bundle, model_from_bundle
     net = model_from_bundle(load_bundle(nodule_model))
     cube = prepare_nodule(ct, center_lps=np.round(centre, 3), size_mm=(30, 30, 30), params=SPEC)
     with torch.no_grad():

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
+from med3dcore.bundles import inspect_file, save_bundle
 from med3dcore.cli import main
+from med3dcore.medicalnet import export_medicalnet
 from med3dcore.nets import build_model, resnet3d
-from med3dcore.weights import export_medicalnet, inspect_file, save_bundle
 
 torch.set_num_threads(2)
 

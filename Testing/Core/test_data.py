@@ -7,11 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from med3dcore.data import (PatchSampler, PreparedCases, domain_from_dict, load_run_config, preprocess_case,
-                            validate_domains)
+from med3dcore.domains import domain_from_dict, load_run_config
 from med3dcore.errors import Med3DError
 from med3dcore.phantoms import make_ct_phantom, write_phantom_domains
-from med3dcore.volume import Volume, write_volume
+from med3dcore.training_data import PatchSampler, PreparedCases, preprocess_case, validate_domains
+from med3dcore.volume import Volume
+from med3dcore.volume_files import write_volume
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_masks_are_merged_into_one_label_space(tmp_path):
 
 
 def _spec(domain, spacing):
-    from med3dcore.data import domain_spec
+    from med3dcore.training_data import domain_spec
     return domain_spec(domain, spacing)
 
 
@@ -141,7 +142,7 @@ def test_cache_is_reused_and_a_changed_source_invalidates_its_entry(tmp_path):
     case = run.domains[0].cases[1]
     changed = np.zeros(labels.shape, np.uint8)
     changed[2:6, 3:9, 4:8] = 1
-    from med3dcore.volume import read_volume
+    from med3dcore.volume_files import read_volume
     old = read_volume(case.label)
     write_volume(old.with_array(changed), case.label, overwrite=True)
     os.utime(case.label, ns=(mtime + 10 ** 9, mtime + 10 ** 9))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from med3dcore.cli import main
-from med3dcore.volume import read_volume
+from med3dcore.volume_files import read_volume
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_demo_refuses_to_overwrite_a_previous_run(demo, capsys):
 def test_demo_lung_model_says_it_saw_only_phantoms(demo, data_dir):
     from med3dcore.infer import segment
     from med3dcore.pseudo_labels import SYNTHETIC_MODEL_WARNING
-    from med3dcore.weights import load_bundle
+    from med3dcore.bundles import load_bundle
 
     out, _ = demo
     bundle = load_bundle(out / "models" / "lung_pretrained.pt")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from med3dcore.bundles import save_bundle
 from med3dcore.cli import main
 from med3dcore.infer import classify, segment
 from med3dcore.metrics import accuracy, auc, dice
 from med3dcore.nets import build_model
 from med3dcore.phantoms import make_ct_phantom, make_nodule_crop
-from med3dcore.volume import write_volume
-from med3dcore.weights import save_bundle
+from med3dcore.volume_files import write_volume
 
 BACKBONE = {"depth": 10, "shortcut_type": "B", "preact": False}
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from med3dcore.bundles import save_bundle
 from med3dcore.cli import main
 from med3dcore.infer import classify
 from med3dcore.metrics import accuracy, auc, brier, expected_calibration_error, sensitivity_at_specificity
 from med3dcore.nets import build_model
 from med3dcore.nodule_evaluation import MIN_PATIENTS_PER_CLASS, RESAMPLES, SEED, patient_digest
-from med3dcore.volume import read_volume
-from med3dcore.weights import save_bundle
+from med3dcore.volume_files import read_volume
 
 torch.set_num_threads(2)
 ARCH = {"backbone": {"depth": 10, "shortcut_type": "B", "preact": False},

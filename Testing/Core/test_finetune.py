@@ -11,20 +11,21 @@ import numpy as np
 import pytest
 import torch
 
+from med3dcore.bundles import load_bundle, model_from_bundle, save_bundle
 from med3dcore.classification_finetune import (ClassificationSettings, CubeSampler, cached_cubes, finetune_classification,
                                                prepare_cases)
-from med3dcore.data import domain_from_dict
+from med3dcore.domains import domain_from_dict
 from med3dcore.errors import Med3DError
 from med3dcore.finetune import (build_initialised_model, encoder_head_groups, freeze_encoder_parts, grouped_folds,
                                 grouped_split)
 from med3dcore.infer import classify
+from med3dcore.medicalnet import export_medicalnet
 from med3dcore.nodule_evaluation import patient_digest
 from med3dcore.nets import build_model
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table
 from med3dcore.phantoms import make_ct_phantom, make_nodule_crop
 from med3dcore.segmentation_finetune import SegmentationSettings, finetune_segmentation
-from med3dcore.volume import read_volume, write_volume
-from med3dcore.weights import export_medicalnet, load_bundle, model_from_bundle, save_bundle
+from med3dcore.volume_files import read_volume, write_volume
 
 torch.set_num_threads(2)
 SMALL_HEAD = {"type": "classifier", "num_classes": 2}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from med3dcore.bundles import load_bundle
 from med3dcore.cli import main
 from med3dcore.phantoms import make_ct_phantom
 from med3dcore.progress import decode_event
-from med3dcore.volume import write_volume
-from med3dcore.weights import load_bundle
+from med3dcore.volume_files import write_volume
 
 from test_finetune import _nodule_table
 

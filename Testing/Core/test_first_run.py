@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from med3dcore.bundles import inspect_file
 from med3dcore.cli import main
 from med3dcore.errors import Med3DError
+from med3dcore.medicalnet import load_medicalnet
 from med3dcore.segmentation_finetune import SegmentationSettings, finetune_segmentation, segmentation_loss
 from med3dcore.nets import build_model, resnet3d
 from med3dcore.phantoms import make_ct_phantom
-from med3dcore.train import TrainConfig, train
-from med3dcore.volume import write_volume
-from med3dcore.weights import inspect_file, load_medicalnet
+from med3dcore.train import train
+from med3dcore.training_setup import TrainConfig
+from med3dcore.volume_files import write_volume
 
 torch.set_num_threads(2)
 ARCH = {"backbone": {"depth": 10, "shortcut_type": "B"}, "head": {"type": "coarse_seg", "num_classes": 2}}
@@ -54,7 +56,7 @@ def test_inspect_reads_a_runs_own_checkpoints(run_folder, capsys):
 
 
 def test_inspect_shows_a_bundles_provenance(tmp_path, capsys):
-    from med3dcore.weights import save_bundle
+    from med3dcore.bundles import save_bundle
 
     save_bundle(tmp_path / "lung.pt", build_model(ARCH), architecture=ARCH,
                 task={"type": "segmentation", "name": "lung"}, labels=[{"value": 1, "name": "lung"}],
@@ -117,7 +119,7 @@ def test_python_callers_are_told_the_python_argument(tmp_path):
 
 
 def test_load_report_prints_short(tmp_path):
-    from med3dcore.weights import export_medicalnet
+    from med3dcore.medicalnet import export_medicalnet
 
     net = resnet3d(10, "B", num_seg_classes=2)
     report = load_medicalnet(net, export_medicalnet(resnet3d(10, "B", num_seg_classes=None), tmp_path / "r.pth"))
@@ -131,7 +133,7 @@ def test_load_report_prints_short(tmp_path):
 
 @pytest.mark.slow
 def test_lung_fine_tuning_with_a_single_case_trains_without_validation(tmp_path):
-    from med3dcore.data import Case, Domain
+    from med3dcore.domains import Case, Domain
 
     image, labels, _ = make_ct_phantom((16, 32, 32), (3.0, 3.0, 4.0), seed=1)
     img = write_volume(image, tmp_path / "ct.nii.gz")

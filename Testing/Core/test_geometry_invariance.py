@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from med3dcore import infer
+from med3dcore.bundles import load_bundle, model_from_bundle, save_bundle
 from med3dcore.phantoms import store_as
 from med3dcore.preprocess import PreprocessSpec, preprocess_image, resample_to_reference
-from med3dcore.volume import read_volume, write_volume
-from med3dcore.weights import load_bundle, model_from_bundle, save_bundle
+from med3dcore.volume_files import read_volume, write_volume
 from test_infer import segmentation_bundle
 
 TILE = (24, 64, 64)

@@ -148,7 +148,7 @@ def test_05_concurrent_segments_exactly_one_writes(shared, tmp_path, server):
         if code == 2:
             line = _check_error("segment", code, err, [])
             assert "already exists" in line or "appeared while" in line, line
-    from med3dcore.volume import read_volume
+    from med3dcore.volume_files import read_volume
     assert read_volume(target).array.shape == (12, 20, 20) and not staging_left(tmp_path)
 
 
@@ -202,7 +202,8 @@ def test_05_concurrent_pretraining_shares_a_cache(shared, tmp_path, server):
 
 def test_05_cache_rebuild_keeps_the_current_entry(shared, tmp_path):
     """A run rebuilding a case's entry removes older entries of that case, never the one another run just wrote."""
-    from med3dcore.data import PreparedCases, domain_from_dict
+    from med3dcore.domains import domain_from_dict
+    from med3dcore.training_data import PreparedCases
 
     domain = domain_from_dict({"name": "a", "images": str(shared["base"] / "images"),
                                "masks": str(shared["base"] / "labels"), "labels": {1: "x"}}, tmp_path)
@@ -257,7 +258,7 @@ def _pretrain_long(shared: Files, out: Path) -> List[str]:
 def test_11_ctrl_c_while_writing_checkpoints(shared, tmp_path):
     """Interrupted between and during checkpoint writes (one every step): exit 130, one line, a loadable last.pt,
     no staging folder left."""
-    from med3dcore.weights import safe_load
+    from med3dcore.checkpoint_files import safe_load
 
     out = tmp_path / "run"
     proc = subprocess.Popen(_pretrain_long(shared, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -321,7 +322,8 @@ def test_12_inspect_escapes_a_strangers_strings(tmp_path):
 # ------------------------------------------------------------------------------------------------ engine behaviour
 
 def _tiny_training(tmp_path: Path, lr: float, steps: int, nan_at: int = 0, resume: bool = False, events=None):
-    from med3dcore.train import TrainConfig, train
+    from med3dcore.train import train
+    from med3dcore.training_setup import TrainConfig
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 2))
@@ -356,7 +358,7 @@ def test_10_nan_stop_and_resume_with_a_lower_learning_rate(tmp_path):
 
 def test_08_bundles_without_a_checksum_still_load(shared, tmp_path):
     from med3dcore.bundle_checks import CHECKSUM_KEY
-    from med3dcore.weights import inspect_file, load_bundle
+    from med3dcore.bundles import inspect_file, load_bundle
 
     assert inspect_file(shared["lung"])["checksum"] == "verified"
     old = torch.load(shared["lung"], weights_only=True)
@@ -368,7 +370,8 @@ def test_08_bundles_without_a_checksum_still_load(shared, tmp_path):
 
 @pytest.mark.parametrize("name", ["lab.nhdr", "lab.mhd", "lab.nrrd", "lab.nii.gz"])
 def test_01_every_format_is_replaced_whole_with_overwrite(tmp_path, name):
-    from med3dcore.volume import Volume, read_volume, write_volume
+    from med3dcore.volume import Volume
+    from med3dcore.volume_files import read_volume, write_volume
 
     first, second = (Volume(np.full((3, 4, 5), v, np.uint8), (1.0, 1.0, 2.0)) for v in (1, 7))
     write_volume(first, tmp_path / name)

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from med3dcore import infer
+from med3dcore.bundles import load_bundle, save_bundle
 from med3dcore.errors import Med3DError
 from med3dcore.nets import build_model
 from med3dcore.nodules import NoduleInputSpec, mask_box, scan_box
 from med3dcore.phantoms import make_ct_phantom, make_mr_phantom
 from med3dcore.preprocess import PreprocessSpec
 from med3dcore.volume import Volume
-from med3dcore.weights import load_bundle, save_bundle
 
 torch.set_num_threads(2)
 

@@ -175,7 +175,7 @@ def medicalnet_file(tmp_path_factory):
     import torch
 
     from med3dcore.nets import resnet3d
-    from med3dcore.weights import export_medicalnet
+    from med3dcore.medicalnet import export_medicalnet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("release") / "resnet_10.pth"
@@ -275,8 +275,8 @@ def test_offline_import_and_remove(local_catalog, medicalnet_file, capsys, tmp_p
 def test_finetune_from_a_pulled_catalog_model_by_name(local_catalog, capsys, tmp_path):
     """The Must-show path: pull over HTTP, check, then `med3d finetune --init <catalog name>` (a tiny run)."""
     from med3dcore.phantoms import make_ct_phantom
-    from med3dcore.volume import write_volume
-    from med3dcore.weights import load_bundle
+    from med3dcore.volume_files import write_volume
+    from med3dcore.bundles import load_bundle
 
     assert main(["models", "pull", "medicalnet-resnet10", "--progress", "none"]) == 0
     for folder in ("img", "lab"):

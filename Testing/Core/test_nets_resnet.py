@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from med3dcore.errors import Med3DError
+from med3dcore.medicalnet import count_parameters, detect_architecture
 from med3dcore.nets import ResNet3D, build_model, resnet3d
 from med3dcore.nets.resnet import DEPTHS, Bottleneck, PreActBasicBlock, PreActBottleneck, ZeroPadShortcut
-from med3dcore.weights import count_parameters, detect_architecture
 
 torch.set_num_threads(2)
 

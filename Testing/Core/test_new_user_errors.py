@@ -22,11 +22,11 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 
+from med3dcore.bundles import save_bundle
 from med3dcore.cli import main
 from med3dcore.errors import Med3DError
 from med3dcore.nets import build_model, resnet3d
 from med3dcore.preprocess import PreprocessSpec
-from med3dcore.weights import save_bundle
 
 torch.set_num_threads(2)
 
@@ -448,8 +448,9 @@ def test_demo_overwrite_runs_again(tmp_path, capsys, monkeypatch):
 def test_written_files_are_readable_like_any_other(tmp_path):
     """Label maps and models are written through a temporary file (mkstemp, owner-only 0600); the result must get
     the permissions of a plainly created file, or a colleague (or Slicer run by another user) cannot read it."""
-    from med3dcore.volume import Volume, write_volume
-    from med3dcore.weights import atomic_save
+    from med3dcore.volume import Volume
+    from med3dcore.volume_files import write_volume
+    from med3dcore.checkpoint_files import atomic_save
 
     umask = os.umask(0o022)
     try:

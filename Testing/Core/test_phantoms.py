@@ -10,7 +10,8 @@ import pytest
 from med3dcore.errors import Med3DError
 from med3dcore.phantoms import (LABEL_NAMES, make_ct_phantom, make_mr_phantom, make_nodule_crop, store_as,
                                 write_phantom_domains)
-from med3dcore.volume import read_volume, to_canonical
+from med3dcore.volume import to_canonical
+from med3dcore.volume_files import read_volume
 
 
 def _median_hu(image, labels, value):

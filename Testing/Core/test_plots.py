@@ -25,7 +25,8 @@ def test_run_folder_gets_history_and_curve_and_resume_keeps_validations(tmp_path
 def test_validation_records_survive_a_resume(tmp_path):
     import torch
 
-    from med3dcore.train import TrainConfig, seed_everything, train
+    from med3dcore.train import train
+    from med3dcore.training_setup import TrainConfig, seed_everything
     from test_train import Batches, TinyNet, seg_loss
 
     def run(steps, resume):

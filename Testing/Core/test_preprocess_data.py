@@ -8,7 +8,8 @@ from med3dcore.errors import Med3DError
 from med3dcore.preprocess import (PreprocessSpec, check_intensity_range, median_spacing, prepare_label,
                                   preprocess_image, resample_to_reference, resample_volume, restore_labels,
                                   restore_probabilities)
-from med3dcore.volume import Volume, read_volume
+from med3dcore.volume import Volume
+from med3dcore.volume_files import read_volume
 
 
 def rearranged_copy(vol: Volume, order, flips) -> Volume:

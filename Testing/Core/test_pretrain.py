@@ -10,14 +10,17 @@ import sys
 import pytest
 import torch
 
+from med3dcore.bundles import load_bundle, model_from_bundle
+from med3dcore.checkpoint_files import safe_load
+from med3dcore.domains import load_run_config
 from med3dcore.errors import Med3DError
+from med3dcore.medicalnet import load_medicalnet
 from med3dcore.nets import resnet3d
 from med3dcore.phantoms import write_phantom_domains
-from med3dcore.data import load_run_config
 from med3dcore.pretrain import MultiDomainNet, build_pretrain_model, pretrain, pretrain_loss
 from med3dcore.progress import decode_event
-from med3dcore.train import TrainConfig, seed_everything, train
-from med3dcore.weights import load_bundle, load_medicalnet, model_from_bundle, safe_load
+from med3dcore.train import train
+from med3dcore.training_setup import TrainConfig, seed_everything
 
 torch.set_num_threads(2)
 TINY = {"steps": 6, "batch_size": 2, "patch_size": [16, 16, 16], "checkpoint_every": 2}

@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 
+from med3dcore.bundles import load_bundle
 from med3dcore.classical_lung import segment_lungs
 from med3dcore.cli import main
 from med3dcore.pseudo_labels import label_sources_record, trained_only_on_synthetic
-from med3dcore.volume import read_volume
-from med3dcore.weights import load_bundle
+from med3dcore.volume_files import read_volume
 
 TINY = ["--steps", "1", "--val-fraction", "0", "--patch", "8,16,16", "--batch-size", "1", "--device", "cpu",
         "--progress", "none"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from med3dcore.errors import Med3DError
+from med3dcore.medicalnet import detect_architecture, load_medicalnet
 from med3dcore.nets import Med3DNet, build_model, resnet3d
-from med3dcore.weights import detect_architecture, load_medicalnet
 
 torch.set_num_threads(2)
 CONFIGS = ("resnet10_B", "resnet18_A", "resnet50_B")

@@ -11,7 +11,7 @@ from PIL import Image
 from med3dcore.cli import main
 from med3dcore.phantoms import make_ct_phantom
 from med3dcore.preprocess import PreprocessSpec
-from med3dcore.volume import read_volume, write_volume
+from med3dcore.volume_files import read_volume, write_volume
 from test_infer import segmentation_bundle
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from med3dcore import infer
+from med3dcore.bundles import save_bundle
 from med3dcore.cli import main
 from med3dcore.errors import Med3DError
 from med3dcore.preprocess import PreprocessSpec
 from med3dcore.pseudo_labels import SYNTHETIC_MODEL_WARNING
-from med3dcore.volume import read_volume
-from med3dcore.weights import save_bundle
+from med3dcore.volume_files import read_volume
 from test_infer import LUNG_LABELS, tiny_net
 
 COARSE = PreprocessSpec(spacing=(8.0, 8.0, 8.0), window=(-1000.0, 400.0), modality="CT")  # geometry, not accuracy

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from med3dcore.checkpoint_files import safe_load
 from med3dcore.errors import Med3DError
-from med3dcore.train import (TrainConfig, ce_dice_loss, lr_factor, make_adam, param_groups, seed_everything,
-                             split_batch, train, training_layout)
-from med3dcore.weights import safe_load
+from med3dcore.train import split_batch, train
+from med3dcore.training_setup import (TrainConfig, ce_dice_loss, lr_factor, make_adam, param_groups, seed_everything,
+                                      training_layout)
 
 torch.set_num_threads(2)
 

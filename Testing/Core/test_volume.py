@@ -10,8 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from med3dcore.errors import Med3DError
-from med3dcore.volume import (Geometry, Volume, as_label_map, canonical_spacing, from_canonical, read_geometry,
-                              read_volume, smallest_label_dtype, to_canonical, write_volume)
+from med3dcore.volume import (Geometry, Volume, as_label_map, canonical_spacing, from_canonical, smallest_label_dtype,
+                              to_canonical)
+from med3dcore.volume_files import read_geometry, read_volume, write_volume
 
 FORMATS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 

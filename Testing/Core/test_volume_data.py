@@ -9,8 +9,8 @@ import pytest
 
 from med3dcore.errors import Med3DError
 from med3dcore.preprocess import resample_to_reference
-from med3dcore.volume import (Volume, as_label_map, from_canonical, list_dicom_series, read_geometry, read_volume,
-                              to_canonical, write_volume)
+from med3dcore.volume import Volume, as_label_map, from_canonical, to_canonical
+from med3dcore.volume_files import list_dicom_series, read_geometry, read_volume, write_volume
 
 # Every scan and mask outside nodules/ (those are tested below), with facts from the data README.
 SCANS = {

@@ -1,4 +1,5 @@
-"""weights.py: safe loading of untrusted files, atomic saving, architecture detection, MedicalNet import/export."""
+"""checkpoint_files.py and medicalnet.py: safe loading of untrusted files, atomic saving, architecture detection,
+MedicalNet import/export."""
 from __future__ import annotations
 
 import os
@@ -8,11 +9,11 @@ import re
 import pytest
 import torch
 
-from med3dcore import weights
+from med3dcore import safe_io
+from med3dcore.checkpoint_files import atomic_save, safe_load
 from med3dcore.errors import Med3DError
+from med3dcore.medicalnet import LoadReport, detect_architecture, export_medicalnet, load_medicalnet
 from med3dcore.nets import build_model, resnet3d
-from med3dcore.weights import (LoadReport, atomic_save, detect_architecture, export_medicalnet, load_medicalnet,
-                               safe_load)
 
 torch.set_num_threads(2)
 
@@ -151,7 +152,7 @@ def test_atomic_save_failure_midway_keeps_the_old_file(tmp_path, monkeypatch):
     def disk_full(fd):  # the data is written, the flush to disk fails (e.g. the disk is full)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(weights.os, "fsync", disk_full)
+    monkeypatch.setattr(safe_io.os, "fsync", disk_full)
     with pytest.raises(Med3DError, match="cannot save .*No space left on device; check free disk space"):
         atomic_save({"version": 2, "w": torch.randn(10000)}, path)
     assert path.read_bytes() == before

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from med3dcore import __version__
+from med3dcore.bundles import Bundle, inspect_file, list_models, load_bundle, model_from_bundle, save_bundle
+from med3dcore.catalog import models_dir
+from med3dcore.checkpoint_files import BUNDLE_FORMAT, atomic_save, safe_load
 from med3dcore.errors import Med3DError
+from med3dcore.medicalnet import count_parameters, export_medicalnet, load_medicalnet
 from med3dcore.nets import Med3DNet, build_model, resnet3d
 from med3dcore.preprocess import PreprocessSpec
-from med3dcore.weights import (BUNDLE_FORMAT, Bundle, atomic_save, count_parameters, export_medicalnet,
-                               inspect_file, list_models, load_bundle, load_medicalnet, model_from_bundle,
-                               models_dir, safe_load, save_bundle)
 
 torch.set_num_threads(2)
 

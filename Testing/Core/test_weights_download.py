@@ -8,8 +8,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from med3dcore.downloads import download_weights
 from med3dcore.errors import Med3DError
-from med3dcore.weights import download_weights
 
 PAYLOAD = bytes(range(256)) * 9000  # ~2.3 MB: several 1 MiB chunks
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
+from med3dcore.bundles import save_bundle
 from med3dcore.nets import build_model
-from med3dcore.weights import save_bundle
 
 BACKBONE = {"depth": 10, "shortcut_type": "B", "preact": False}
 LUNG_LABELS = [{"value": 1, "name": "lung", "color": [197, 165, 145], "terminology": "SCT^39607008^Lung"}]

@@ -52,7 +52,7 @@ def make_nodule_model(folder: Path) -> None:
     import torch
 
     from med3dcore.nets import build_model
-    from med3dcore.weights import save_bundle
+    from med3dcore.bundles import save_bundle
 
     torch.manual_seed(0)
     architecture = {"backbone": {"depth": 10, "shortcut_type": "B", "preact": False},

@@ -23,7 +23,7 @@ def mirror(tmp_path_factory):
     import torch
 
     from med3dcore.nets import resnet3d
-    from med3dcore.weights import export_medicalnet
+    from med3dcore.medicalnet import export_medicalnet
 
     folder = tmp_path_factory.mktemp("mirror")
     torch.manual_seed(0)

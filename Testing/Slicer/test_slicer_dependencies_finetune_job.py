@@ -12,7 +12,8 @@ import pytest
 
 from Med3DLib import dependencies, finetune_job, models
 from med3dcore.errors import Med3DError
-from med3dcore.volume import Volume, read_volume
+from med3dcore.volume import Volume
+from med3dcore.volume_files import read_volume
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,8 +120,8 @@ def test_export_segmentation_cases_round_trip(data_dir, tmp_path: Path) -> None:
     assert back.same_geometry(image) and np.array_equal(back.array, image.array)
     np.testing.assert_array_equal(read_volume(tmp_path / rows[0]["label"]).array, liver.array)
     # The engine's own data reader accepts the table.
-    data = importlib.import_module("med3dcore.data")
-    domain = data.domain_from_dict({"name": "scene", "csv": str(table), "labels": {"1": "liver"}}, tmp_path)
+    domains = importlib.import_module("med3dcore.domains")
+    domain = domains.domain_from_dict({"name": "scene", "csv": str(table), "labels": {"1": "liver"}}, tmp_path)
     assert len(domain.cases) == 1
 
 

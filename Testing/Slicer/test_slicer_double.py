@@ -83,14 +83,14 @@ def test_missing_packages_fail_to_import_and_installs_bring_them_back() -> None:
         with pytest.raises(ModuleNotFoundError):  # Slicer's find_spec returns None; both mean "missing"
             importlib.util.find_spec("torch")
         with pytest.raises(ModuleNotFoundError, match="nibabel"):
-            importlib.import_module("med3dcore.volume")  # the engine's reader needs it
+            importlib.import_module("med3dcore.volume_files")  # the engine's reader needs it
         for shipped in ("numpy", "scipy", "PIL", "SimpleITK"):  # Slicer 5.8 ships these
             importlib.import_module(shipped)
         sys.modules["slicer"].util.pip_install(["nibabel>=4.0"])
         assert importlib.import_module("nibabel") is nibabel  # the same module object comes back
     finally:
         double.uninstall()
-    assert sys.modules["nibabel"] is nibabel and importlib.import_module("med3dcore.volume")
+    assert sys.modules["nibabel"] is nibabel and importlib.import_module("med3dcore.volume_files")
 
 
 def test_a_broken_package_is_found_but_does_not_import() -> None:

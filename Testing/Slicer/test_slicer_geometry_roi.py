@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 from Med3DLib import geometry, roi
 from med3dcore.errors import Med3DError
-from med3dcore.volume import read_volume
+from med3dcore.volume_files import read_volume
 
 
 def rotation_z(degrees: float) -> np.ndarray:
@@ -82,7 +82,7 @@ def slicer_matrix_of(image: sitk.Image) -> np.ndarray:
 @pytest.mark.parametrize("relative", ["mr/brain_mr_1.nrrd", "ct/chest_ct.nrrd", "ct/abdomen_ct_small.nii.gz",
                                       "dicom/abdomen_ct_series"])
 def test_node_geometry_matches_the_engine_reader_on_real_scans(data_dir, relative: str) -> None:
-    """A node built the way Slicer loads a file gives the same Volume as med3dcore.volume.read_volume."""
+    """A node built the way Slicer loads a file gives the same Volume as med3dcore.volume_files.read_volume."""
     path = data_dir / relative
     if path.is_dir():
         reader = sitk.ImageSeriesReader()

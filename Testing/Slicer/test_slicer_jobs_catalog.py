@@ -59,7 +59,8 @@ def test_classify_reports_every_result_field_as_one_jsonl_result_event(bundle_fo
     """The panel shows whatever numbers the result event carries; the engine's event must carry every field of
     its result (issue 9 adds the nodule's diameter and volume), so nothing else needs to change then."""
     from med3dcore.infer import ClassificationResult
-    from med3dcore.volume import Volume, write_volume
+    from med3dcore.volume import Volume
+    from med3dcore.volume_files import write_volume
 
     image = write_volume(Volume(np.full((20, 30, 30), -700, np.int16), spacing=(1.0, 1.0, 2.0)), tmp_path / "ct.nrrd")
     command = jobs.classify_command(sys.executable, str(image), str(bundle_folder / "nodule.pt"), "cpu",
@@ -100,7 +101,7 @@ def test_engine_errors_become_their_own_one_line_message(tmp_path) -> None:
 # ----------------------------------------------------------------------------------------- model headers
 
 def test_headers_read_without_torch_agree_with_the_engine(bundle_folder) -> None:
-    from med3dcore.weights import list_models
+    from med3dcore.bundles import list_models
 
     engine = {m.name: m for m in list_models(bundle_folder)}
     read = {e.name: e for e in model_catalog.ModelCatalog().entries(str(bundle_folder))}
@@ -159,7 +160,7 @@ def test_catalog_encoders_are_offered_with_a_download_when_missing(tmp_path) -> 
 
 
 def test_models_folder_is_the_engines(monkeypatch, tmp_path) -> None:
-    from med3dcore.weights import models_dir
+    from med3dcore.catalog import models_dir
 
     monkeypatch.setenv("MED3D_MODELS", str(tmp_path))
     assert Path(model_catalog.models_folder()) == models_dir()

@@ -21,7 +21,8 @@ from bundles import LUNG_LABELS, NODULE_LABELS, constant_output_bundle
 from med3dcore.errors import Med3DError
 from med3dcore.phantoms import make_ct_phantom, store_as
 from med3dcore.preprocess import PreprocessSpec
-from med3dcore.volume import Volume, read_volume, write_volume
+from med3dcore.volume import Volume
+from med3dcore.volume_files import read_volume, write_volume
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[2]

@@ -97,8 +97,8 @@ def main() -> None:
     from med3dcore.nets.fused import fold_batchnorm
     from med3dcore.preprocess import PreprocessSpec, preprocess_image, restore_class_map, restore_probabilities
     from med3dcore.sliding import effective_tile, make_predictor, sliding_window
-    from med3dcore.volume import read_volume
-    from med3dcore.weights import load_bundle, model_from_bundle
+    from med3dcore.volume_files import read_volume
+    from med3dcore.bundles import load_bundle, model_from_bundle
 
     native = cpu_bf16_support() is not None
     print(machine_line(torch))

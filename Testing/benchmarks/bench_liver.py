@@ -24,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from med3dcore.data import domain_from_dict
+from med3dcore.domains import domain_from_dict
 from med3dcore.segmentation_finetune import SegmentationSettings, finetune_segmentation
 from med3dcore.infer import segment
 from med3dcore.metrics import dice
 from med3dcore.phantoms import make_ct_phantom
 from med3dcore.preprocess import resample_to_reference
 from med3dcore.progress import make_reporter
-from med3dcore.volume import Volume, read_volume, write_volume
+from med3dcore.volume import Volume
+from med3dcore.volume_files import read_volume, write_volume
 
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
 LUNG_LOBES = (10, 11, 12, 13, 14)  # TotalSegmentator ct_total lung lobes

@@ -74,8 +74,8 @@ def main() -> None:
     from med3dcore.devices import describe_precision, resolve_device, resolve_precision
     from med3dcore.preprocess import PreprocessSpec, preprocess_image, restore_class_map
     from med3dcore.sliding import make_predictor, sliding_window
-    from med3dcore.volume import read_volume, write_volume
-    from med3dcore.weights import model_from_bundle
+    from med3dcore.volume_files import read_volume, write_volume
+    from med3dcore.bundles import model_from_bundle
     imports["med3dcore"] = time.perf_counter() - t
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -58,7 +58,8 @@ def _one(scan: str, out: Path) -> dict:
 
     from med3dcore.classical_lung import LUNG_LABELS, LUNG_WINDOW, segment_lungs
     from med3dcore.overlay import write_overlay
-    from med3dcore.volume import Volume, read_volume, to_canonical
+    from med3dcore.volume import Volume, to_canonical
+    from med3dcore.volume_files import read_volume
 
     image = read_volume(DATA / scan)
     start = time.perf_counter()
@@ -108,7 +109,7 @@ def _dice_rows(scan: str, labels) -> dict:
     import numpy as np
 
     from med3dcore.metrics import dice
-    from med3dcore.volume import read_volume
+    from med3dcore.volume_files import read_volume
 
     rows = {}
     if scan == "ct/abdomen_ct.nii.gz":
@@ -145,7 +146,7 @@ def classical_rows(out: Path, threads: int) -> list:
 
 def _end_to_end(scan: Path, out: Path, **kwargs) -> float:
     from med3dcore.infer import segment
-    from med3dcore.volume import read_volume, write_volume
+    from med3dcore.volume_files import read_volume, write_volume
 
     start = time.perf_counter()
     result = segment(read_volume(scan), task="lung", device="cpu", **kwargs)
@@ -162,7 +163,7 @@ def loso_rows(out: Path, steps: int, held_out: list[str] | None = None) -> dict:
     from med3dcore.infer import load_model, segment
     from med3dcore.metrics import dice
     from med3dcore.pseudo_labels import classical_lung_domain
-    from med3dcore.volume import read_volume
+    from med3dcore.volume_files import read_volume
 
     rows = {}
     for held in held_out or CHESTS:

@@ -6,7 +6,8 @@ patient-grouped folds of the 823 LIDC crops in ../shared/data/nodules.
 Baselines (scikit-learn, the `bench` extra): a logistic regression on log(diameter_mm) (a ruler) and one on the seven
 numbers of nodule_stats.measured_features (image + mask), each fitted on four folds and scored on the fifth. Every
 CNN run folder given with --runs (bench_nodules_cv.py's OUT, one fold<k>.json per finished fold, all five needed)
-is scored on the same out-of-fold cases. Each row: AUC, accuracy, sensitivity at 90 % specificity, Brier and ECE on
+is scored on the same out-of-fold cases, and so is a logistic regression on the seven features plus the run's
+out-of-fold logit (does the CNN add to the measurements?). Each row: AUC, accuracy, sensitivity at 90 % specificity, Brier and ECE on
 the pooled out-of-fold probabilities, each with a 95 % interval from a bootstrap over patients; the mean over folds
 of AUC and accuracy (the issue's targets are means over folds); and the paired AUC difference against the
 measured-features baseline (the same patient resamples for both). --png draws the reliability diagram of every row.
@@ -26,7 +27,7 @@ import numpy as np
 from med3dcore.finetune import grouped_folds
 from med3dcore.metrics import reliability_bins
 from med3dcore.nodules import read_nodule_table
-from med3dcore.volume import read_volume
+from med3dcore.volume_files import read_volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nodule_stats import (FEATURE_NAMES, fmt, logistic_oof, measured_features, paired_auc_difference,  # noqa: E402
@@ -105,7 +106,13 @@ def main() -> int:
     rows = {"diameter LR": logistic_oof(features[:, :1], labels, folds),
             "measured-features LR": logistic_oof(features, labels, folds)}
     for folder in args.runs:
-        rows[folder.name] = cnn_probabilities(folder, folds, labels)
+        cnn = cnn_probabilities(folder, folds, labels)
+        rows[folder.name] = cnn
+        # Does the CNN add anything to the measurements? Its out-of-fold logit as an eighth feature (exploratory:
+        # the CNN logits of the stacker's training folds come from models that saw its test fold).
+        logit = np.log(np.clip(cnn, 1e-6, 1 - 1e-6) / np.clip(1 - cnn, 1e-6, 1))
+        rows[f"{folder.name} + features (stacked LR)"] = logistic_oof(np.column_stack([features, logit]), labels,
+                                                                       folds)
     print(f"{len(labels)} nodules, {labels.sum()} malignant, {len(set(patients))} patients, 5 patient-grouped folds "
           f"(seed 0); features: {', '.join(FEATURE_NAMES)}; {time.time() - start:.0f} s to measure")
     print("| model | AUC | accuracy | sens@90%spec | Brier | ECE | mean over folds: AUC, accuracy "

@@ -1,13 +1,16 @@
 """Nodule classification on the real LIDC-IDRI crops: patient-grouped k-fold cross-validation, accuracy and AUC,
 from scratch vs from a pretrained encoder (the same folds for every run).
 
-    python Testing/benchmarks/bench_nodules_cv.py --init scratch --out /tmp/med3d_work/nodule_cv/scratch
-    python Testing/benchmarks/bench_nodules_cv.py --init ENCODER.pt --out /tmp/med3d_work/nodule_cv/pretrained
-    python Testing/benchmarks/bench_nodules_cv.py --summary /tmp/med3d_work/nodule_cv/scratch /tmp/med3d_work/nodule_cv/pretrained
+    python Testing/benchmarks/bench_nodules_cv.py --init scratch --out /tmp/nodule_cv/scratch
+    python Testing/benchmarks/bench_nodules_cv.py --init ENCODER.pt --out /tmp/nodule_cv/pretrained
+    python Testing/benchmarks/bench_nodule_table.py --runs /tmp/nodule_cv/scratch /tmp/nodule_cv/pretrained
 
-Each fold trains on the other folds (with an inner patient-grouped validation split that picks the best
-checkpoint by AUC) and is scored once on its held-out patients. Per-fold results go to OUT/fold<k>.json, so an
-interrupted run keeps the folds it finished.
+Without tuning flags each fold is exactly what `med3d finetune --task nodule` does by default (its settings, input
+cube and temperature scaling). Each fold trains on the other folds (with the inner patient-grouped validation
+split that picks the best checkpoint by AUC and fits the temperature) and is scored once on its held-out patients
+with the probabilities classify would give. Per-fold results go to OUT/fold<k>.json, so an interrupted run keeps
+the folds it finished; the prepared cubes are cached beside OUT. bench_nodule_table.py puts the runs next to the
+baselines, with confidence intervals.
 """
 from __future__ import annotations
 
@@ -21,24 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from med3dcore.classification_finetune import (ClassificationSettings, classification_metrics,
-                                               finetune_classification, predict_probabilities, prepare_cases)
+from med3dcore.bundles import load_bundle, model_from_bundle
+from med3dcore.classification_finetune import (ClassificationSettings, cached_cubes, classification_metrics,
+                                               finetune_classification, predict_probabilities)
 from med3dcore.finetune import grouped_folds
 from med3dcore.infer import probability_temperature
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table
 from med3dcore.progress import make_reporter
-from med3dcore.weights import load_bundle, model_from_bundle
 
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
-
-
-def cached_cubes(cases, spec: NoduleInputSpec, cache: Path) -> np.ndarray:
-    if cache.is_file():
-        return np.load(cache)
-    cubes = prepare_cases(cases, spec, make_reporter("bar"))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, cubes)
-    return cubes
 
 
 def summary(folders) -> None:
@@ -65,11 +59,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--only", type=int, nargs="*", help="run only these fold numbers (0-based)")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=8)
+    # Defaults: those of `med3d finetune --task nodule` (ClassificationSettings, NoduleInputSpec).
+    parser.add_argument("--steps", type=int, default=ClassificationSettings.steps)
+    parser.add_argument("--batch-size", type=int, default=ClassificationSettings.batch_size)
     parser.add_argument("--freeze", default="")
-    parser.add_argument("--cube", type=int, default=24, help="cube size in voxels")
-    parser.add_argument("--cube-spacing", type=float, default=1.33, help="cube spacing in mm")
+    parser.add_argument("--cube", type=int, default=NoduleInputSpec.cube, help="cube size in voxels")
+    parser.add_argument("--cube-spacing", type=float, default=NoduleInputSpec.spacing_mm, help="cube spacing in mm")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", nargs="*", help="print the summary of finished runs and exit")
     args = parser.parse_args()
@@ -79,7 +74,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cases = read_nodule_table(str(DATA / "nodules" / "labels.csv"))
     spec = NoduleInputSpec(cube=args.cube, spacing_mm=args.cube_spacing)
-    cubes = cached_cubes(cases, spec, Path(f"/tmp/med3d_work/nodule_cubes_{args.cube}_{args.cube_spacing}mm.npy"))
+    cubes = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"))
     labels = np.array([c.label for c in cases])
     folds = grouped_folds([c.patient for c in cases], args.folds, strata=labels, seed=0)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -94,8 +89,8 @@ def main() -> int:
         start = time.time()
         result = finetune_classification(
             [cases[i] for i in train_idx], args.out, f"fold{k}", init=args.init, spec=spec, cubes=cubes[train_idx],
-            settings=ClassificationSettings(steps=args.steps, batch_size=args.batch_size, val_fraction=0.15,
-                                            validate_every=100, freeze=tuple(p for p in args.freeze.split(",") if p)),
+            settings=ClassificationSettings(steps=args.steps, batch_size=args.batch_size,
+                                            freeze=tuple(p for p in args.freeze.split(",") if p)),
             reporter=reporter, overwrite=True)
         bundle = load_bundle(result["bundle"])
         probs = predict_probabilities(model_from_bundle(bundle), cubes[test_idx],

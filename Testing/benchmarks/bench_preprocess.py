@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from med3dcore.preprocess import PreprocessSpec, preprocess_image, restore_labels  # noqa: E402
-from med3dcore.volume import read_volume, write_volume  # noqa: E402
+from med3dcore.volume_files import read_volume, write_volume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("MED3D_SHARED", ROOT.parent / "shared")) / "data"

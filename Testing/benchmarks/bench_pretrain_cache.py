@@ -32,9 +32,11 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from med3dcore.data import PatchSampler, PreparedCases, load_run_config, validate_domains
+    from med3dcore.domains import load_run_config
+    from med3dcore.training_data import PatchSampler, PreparedCases, validate_domains
     from med3dcore.pretrain import build_pretrain_model, pretrain_loss, split_training
-    from med3dcore.train import seed_everything, train
+    from med3dcore.train import train
+    from med3dcore.training_setup import seed_everything
 
     run = load_run_config(args.config)
     config, sampling = split_training(dict(run.training, steps=args.steps, checkpoint_every=0, device="cpu"))

@@ -3,7 +3,7 @@
     python Testing/benchmarks/bench_resnet.py [--size 64] [--repeats 3] [--threads 2] [--depths 10,18,50]
 
 For each depth: build both networks, load one MedicalNet-layout file into both (ours through
-``weights.load_medicalnet``, MONAI through ``torch.load`` + ``load_state_dict``, its documented way), then time the
+``medicalnet.load_medicalnet``, MONAI through ``torch.load`` + ``load_state_dict``, its documented way), then time the
 encoder forward pass (median of --repeats, the two alternated, eval, no_grad) on a (1, 1, S, S, S) input. MONAI's ResNet (stem set to
 MedicalNet's 7x7x7 stride 2, ``bias_downsample=False`` so the keys match) keeps stride 2 in layer3/layer4 without
 dilation: it loads the same weights but computes a different, coarser network (output stride 32, not 8), which the
@@ -20,8 +20,8 @@ from typing import Callable, List, Tuple
 
 import torch
 
+from med3dcore.medicalnet import export_medicalnet, load_medicalnet
 from med3dcore.nets import resnet3d
-from med3dcore.weights import export_medicalnet, load_medicalnet
 
 RELEASED_SHORTCUT = {10: "B", 18: "A", 34: "A", 50: "B", 101: "B", 152: "B", 200: "B"}
 

@@ -71,8 +71,8 @@ class Setup:
                  kinds: Tuple[str, ...] = ("plain", "fp32", "bf16")) -> None:
         from med3dcore.preprocess import PreprocessSpec, preprocess_image
         from med3dcore.sliding import make_predictor
-        from med3dcore.volume import read_volume
-        from med3dcore.weights import load_bundle, model_from_bundle
+        from med3dcore.volume_files import read_volume
+        from med3dcore.bundles import load_bundle, model_from_bundle
 
         bundle = load_bundle(model)
         array, _ = preprocess_image(read_volume(DATA / scan), PreprocessSpec.from_dict(bundle.preprocessing))

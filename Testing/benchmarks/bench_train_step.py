@@ -4,8 +4,8 @@
     python Testing/benchmarks/bench_train_step.py [--rounds 5] [--steps 4] [--threads 2]
 
 Segmentation step: ResNet-10 B + the lung preset's decoder (128/64/32), batch 2 of 32x64x64 patches,
-``train.ce_dice_loss``. Classification step: ResNet-10 B + classifier head, batch 8 of 24^3 cubes (the nodule
-input), cross-entropy. Inputs are random (speed does not depend on the values). Each step is what ``train.train``
+``training_setup.ce_dice_loss``. Classification step: ResNet-10 B + classifier head, batch 8 of 32^3 cubes (the
+nodule input), cross-entropy. Inputs are random (speed does not depend on the values). Each step is what ``train.train``
 does: zero_grad, forward, loss, backward, optimiser step. Variants are run in alternation, ``--steps`` steps per
 round after one warm-up step, and every round's variants in a rotated order; the table gives the median and the
 min-max of the per-round seconds per step, and the ratio of medians to the per-parameter loop (the default Adam
@@ -28,7 +28,7 @@ from bench_common import machine_line  # noqa: E402
 def _setups(torch):
     from med3dcore.segmentation_finetune import PRESETS
     from med3dcore.nets import build_model
-    from med3dcore.train import ce_dice_loss
+    from med3dcore.training_setup import ce_dice_loss
 
     gen = torch.Generator().manual_seed(0)
 
@@ -42,7 +42,7 @@ def _setups(torch):
     def classification():
         model = build_model({"backbone": {"depth": 10, "shortcut_type": "B"},
                              "head": {"type": "classifier", "num_classes": 2}})
-        x = torch.randn(8, 1, 24, 24, 24, generator=gen)
+        x = torch.randn(8, 1, 32, 32, 32, generator=gen)
         y = torch.randint(0, 2, (8,), generator=gen)
         return model, lambda m: torch.nn.functional.cross_entropy(m(x), y)
 
@@ -60,7 +60,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from med3dcore.train import make_adam, training_layout
+    from med3dcore.training_setup import make_adam, training_layout
 
     variants = [("loop", False), ("foreach", False), ("fused", False), ("fused", True), ("loop", True)]
     print(machine_line(torch))

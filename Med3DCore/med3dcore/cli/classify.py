@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..infer import classify
     from ..nodules import parse_roi
-    from ..volume import read_volume
+    from ..volume_files import read_volume
 
     reporter = make_reporter(args.progress)
     roi = None

@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _segmentation_pairs(args: argparse.Namespace) -> List[Any]:
-    from ..data import domain_from_dict
+    from ..domains import domain_from_dict
 
     if args.csv and args.images:
         raise Med3DError("give either --csv or --images/--labels, not both")
@@ -77,7 +77,8 @@ def _label_map(text: Any) -> Dict[int, int]:
 def evaluate_segmentation(args: argparse.Namespace, bundle: Any, reporter: Any) -> Dict[str, Any]:
     from ..infer import segment
     from ..metrics import dice_per_label
-    from ..volume import as_label_map, read_volume
+    from ..volume import as_label_map
+    from ..volume_files import read_volume
 
     mapping = _label_map(args.label_map)
     cases = _segmentation_pairs(args)
@@ -111,7 +112,7 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
     from ..nodule_evaluation import (format_scores, overlap_warning, patient_id, score_with_intervals,
                                      training_overlap)
     from ..nodules import read_nodule_table
-    from ..volume import read_volume
+    from ..volume_files import read_volume
 
     if not args.csv or args.images:
         raise Med3DError("a classification model is evaluated on a --csv table (image, label, optional mask/roi)")

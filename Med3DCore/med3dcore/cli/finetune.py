@@ -106,17 +106,17 @@ def add_parser(subparsers: Any) -> None:
 
 def _segmentation_groups(csv_path: Optional[str]) -> Dict[str, str]:
     """case id -> patient id from a CSV's optional patient_id column."""
-    from ..data import _case_key, read_csv_rows  # the same case naming the domain uses
+    from ..domains import case_key, read_csv_rows  # the same case naming the domain uses
 
     if not csv_path:
         return {}
     rows = read_csv_rows(csv_path)
-    return {_case_key(Path(r["image"].strip())): r["patient_id"].strip() for r in rows
+    return {case_key(Path(r["image"].strip())): r["patient_id"].strip() for r in rows
             if (r.get("patient_id") or "").strip()}
 
 
 def _domain(args: argparse.Namespace) -> Any:
-    from ..data import domain_from_dict
+    from ..domains import domain_from_dict
     from ..segmentation_finetune import PRESETS
 
     sources = [s for s in ("csv", "images", "dataset") if getattr(args, s)]

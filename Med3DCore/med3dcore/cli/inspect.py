@@ -23,7 +23,7 @@ def _millions(count: int) -> str:
 
 def format_info(info: Dict[str, Any]) -> str:
     """The human-readable report of :func:`inspect_file`'s dict."""
-    from ..weights import describe_architecture
+    from ..medicalnet import describe_architecture
 
     kinds = {"medicalnet": "MedicalNet backbone", "med3d-bundle": "Med3D model", "state_dict": "bare state dict",
              "training-checkpoint": "a fine-tuning or pretraining run's checkpoint"}
@@ -81,7 +81,7 @@ def _provenance_lines(prov: Dict[str, Any]) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights import inspect_file
+    from ..bundles import inspect_file
 
     info = inspect_file(args.file)
     print(dump_json(info, indent=2) if args.json else format_info(info))

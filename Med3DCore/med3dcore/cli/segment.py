@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..overlay import stage_overlay
     from ..preprocess import PreprocessSpec
     from ..safe_io import Outputs
-    from ..volume import FILE_FORMATS, read_volume, stage_volume, volume_outputs
+    from ..volume_files import FILE_FORMATS, read_volume, stage_volume, volume_outputs
 
     reporter = make_reporter(args.progress)
     output = Path(args.output)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     method, model = choose_method(args.model, args.task, args.method)
     bundle = load_model(model) if method == "model" else None
     if method == "classical" and args.method == "auto":  # the user did not ask for it: say what runs instead
-        from ..weights import models_dir
+        from ..catalog import models_dir
 
         line = (f"no '{args.task}' model in {models_dir()}: using the classical lung method (no weights); "
                 "--method chooses")
