@@ -69,7 +69,8 @@ def _view_centre(labels: np.ndarray) -> List[int]:
     return centre
 
 
-def _font(size: int) -> "ImageFont.ImageFont":
+def label_font(size: int) -> "ImageFont.ImageFont":
+    """The font of the overlays' and training curves' labels, at ``size`` pixels where Pillow can scale it."""
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
     except TypeError:
@@ -79,7 +80,7 @@ def _font(size: int) -> "ImageFont.ImageFont":
 def _markers(picture: "Image.Image", name: str) -> None:
     """Which side is which: patient right/left on axial and coronal views, anterior/posterior on sagittal."""
     left, right = ("A", "P") if name == "sagittal" else ("R", "L")
-    draw, font = ImageDraw.Draw(picture), _font(12)
+    draw, font = ImageDraw.Draw(picture), label_font(12)
     middle = picture.height // 2 - 6
     draw.text((3, middle), left, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     draw.text((picture.width - 10, middle), right, fill=(255, 255, 255), font=font, stroke_width=1,
@@ -95,7 +96,7 @@ def label_volumes_ml(labels: Volume, values: Sequence[int]) -> Dict[int, float]:
 
 def _legend(width: int, rows: List[Tuple[Tuple[int, int, int], str]], note: str) -> np.ndarray:
     """A dark strip: one line per label (swatch with its outline colour, text), then the window note."""
-    font, line = _font(14), 20
+    font, line = label_font(14), 20
     height = 8 + line * (len(rows) + 1)
     strip = Image.new("RGB", (width, height), (24, 24, 24))
     draw = ImageDraw.Draw(strip)
@@ -157,7 +158,7 @@ def render_overlay(image: Volume, labels: Volume, label_info: Optional[Sequence[
         halo = _edges(lab_px > 0) & (lab_px == 0)
         rgb[halo] = 0.3 * rgb[halo]  # a dark rim outside: the outline stands out on bright tissue too
         picture = Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
-        ImageDraw.Draw(picture).text((4, 2), name, fill=(255, 255, 0), font=_font(12), stroke_width=1,
+        ImageDraw.Draw(picture).text((4, 2), name, fill=(255, 255, 0), font=label_font(12), stroke_width=1,
                                      stroke_fill=(0, 0, 0))
         _markers(picture, name)
         pictures.append(np.asarray(picture))

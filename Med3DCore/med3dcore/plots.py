@@ -123,13 +123,13 @@ def render_curves(runs: Mapping[str, Mapping[str, Any]], title: str = "Training"
     """The picture (a PIL image) of ``runs``: name -> :func:`curves_from_history` result."""
     from PIL import Image, ImageDraw
 
-    from .overlay import _font
+    from .overlay import label_font
 
     width, height = size
     picture = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(picture)
-    font, small = _font(16), _font(13)
-    draw.text((20, 10), title, fill=(0, 0, 0), font=_font(18))
+    font, small = label_font(16), label_font(13)
+    draw.text((20, 10), title, fill=(0, 0, 0), font=label_font(18))
     x = 20
     colors = {}
     for n, name in enumerate(runs):
