@@ -269,6 +269,21 @@ def _refine(coarse_labels: np.ndarray, hu: np.ndarray, threshold: float, factors
     return out
 
 
+def inside_body(volume: Volume) -> Optional[np.ndarray]:
+    """Which voxels of ``volume``'s grid lie inside the body: all but the air joined to the image border within its
+    axial slice (step 3 of the method, on its ~2 mm working grid). None when the image is not a CT in Hounsfield
+    units. A lung model's clean-up uses it to drop air outside the patient that a network took for lung."""
+    try:
+        check_ct(volume.array)
+    except Med3DError:
+        return None
+    canon, orientation = to_canonical(volume)
+    factors = lm.grid_factors(canon.spacing, WORK_MM)
+    coarse, _ = lm.block_mean(canon.array, factors)
+    body = ~lm.outside_air(coarse < lm.air_threshold(coarse))
+    return from_canonical(lm.upsample(body, factors, canon.array.shape).astype(np.uint8), orientation).array > 0
+
+
 def refine_to_air(labels: Volume, scan: Volume, band_mm: float = 3.0) -> Volume:
     """Any lung label map (e.g. a network's, made on a coarser grid) with each label's boundary moved onto the CT's
     own air/tissue boundary within ``band_mm`` of where it was: inside the band a voxel is lung when it holds air

@@ -356,6 +356,12 @@ def segment(volume: Volume, model: Optional[ModelLike] = None, task: Optional[st
         labels = _label_map(classes, n_classes, [int(info["value"]) for info in bundle.labels])
         del classes
     rule = KEEP_COMPONENTS.get(name)
+    if opts.keep_largest and name == "lung":
+        from .classical_lung import inside_body
+
+        body = inside_body(volume)  # air outside the patient is never lung, however large (a CT only)
+        if body is not None:
+            labels[~body] = 0
     if opts.keep_largest and rule is not None:
         per_label, count = rule
         if per_label == "per_label" and len(bundle.labels) > 1:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from med3dcore import infer
+from med3dcore import classical_lung, infer
+from med3dcore.classical_lung import inside_body
 from med3dcore.bundles import load_bundle, save_bundle
 from med3dcore.errors import Med3DError
 from med3dcore.nets import build_model
@@ -107,8 +108,11 @@ def test_segment_tiles_agree_with_whole_volume(models, phantom):
 def test_segment_accepts_a_loaded_bundle_and_forced_class(tmp_path, phantom):
     image, _ = phantom
     path = segmentation_bundle(tmp_path / "all_lung.pt", bias=[0.0, 5.0])  # class 1 wins everywhere
-    result = infer.segment(image, load_bundle(path), device="cpu")
+    result = infer.segment(image, load_bundle(path), device="cpu", keep_largest=False)
     assert result.labels.array.min() == 1
+    # with the clean-up, a lung model's label stops at the body (test_segment_method.py)
+    cleaned = infer.segment(image, load_bundle(path), device="cpu").labels.array > 0
+    np.testing.assert_array_equal(cleaned, inside_body(image))
 
 
 def test_mr_given_to_ct_model_warns(models):
@@ -171,6 +175,7 @@ def test_lung_clean_up_keeps_two_components(tmp_path, phantom, monkeypatch):
     probs[:, 20:22, 30:32, 30:32] = [[[[0.0]]], [[[1.0]]]]
     classes = np.argmax(probs, axis=0).astype(np.uint8)
     monkeypatch.setattr(infer, "_classes", lambda *a, **k: (classes.copy(), 2))
+    monkeypatch.setattr(classical_lung, "inside_body", lambda volume: np.ones(volume.shape, bool))  # rule alone
     labels = infer.segment(image, segmentation_bundle(tmp_path / "l.pt"), device="cpu").labels.array
     assert labels.sum() == 2 * 512 and labels[21, 31, 31] == 0
     labels = infer.segment(image, tmp_path / "l.pt", device="cpu", keep_largest=False).labels.array

@@ -108,3 +108,24 @@ def test_phantom_trained_model_warns_on_a_real_scan(data_dir, tmp_path, capsys):
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events[-1]["warnings"] == [SYNTHETIC_MODEL_WARNING]
     assert any(e.get("message") == f"warning: {SYNTHETIC_MODEL_WARNING}" for e in events)
+
+
+def test_lung_model_clean_up_keeps_nothing_outside_the_body(abdomen, tmp_path):
+    """A lung network that calls every voxel lung (as one did with the air beside a patient, chest_ct_4dphase):
+    the clean-up drops all air outside the body before keeping the largest components."""
+    from med3dcore.classical_lung import inside_body
+
+    model = lung_bundle(tmp_path / "lung.pt", {"domain": "mine", "label_sources": {"a": "real"}})
+    body = inside_body(abdomen)
+    assert body is not None and 0.2 < body.mean() < 0.9 and not body[:, 0, 0].any()  # corners are outside
+    raw = infer.segment(abdomen, model, task="lung", device="cpu", keep_largest=False).labels.array > 0
+    cleaned = infer.segment(abdomen, model, task="lung", device="cpu").labels.array > 0
+    assert (raw & ~body).sum() > 0.1 * raw.sum()  # the network's "lung" outside the body
+    assert cleaned.any() and not (cleaned & ~body).any()
+
+
+def test_inside_body_is_none_for_an_mr(data_dir):
+    from med3dcore.classical_lung import inside_body
+
+    mr = read_volume(next(p for p in sorted((data_dir / "mr").iterdir()) if p.name.endswith((".nii.gz", ".nrrd"))))
+    assert inside_body(mr) is None
