@@ -14,12 +14,15 @@ is written through :func:`atomic_save`, so a crash never leaves a half-written f
 """
 from __future__ import annotations
 
+import contextlib
 import pickletools
 import re
+import signal
+import threading
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -160,9 +163,10 @@ def atomic_save(obj: Any, path: PathLike, overwrite: bool = True, what: str = "c
     """``torch.save`` through the one write path (:mod:`med3dcore.safe_io`): staged in the same folder, flushed,
     checked to read back as a complete archive, then moved into place.
 
-    A failure at any point (a full disk, Ctrl-C) leaves an existing file at ``path`` untouched and nothing
-    temporary behind. ``overwrite=False`` publishes only if ``path`` does not exist, even if another process
-    creates it meanwhile; a symbolic link at ``path`` is never written through.
+    A failure at any point (a full disk, a kill) leaves an existing file at ``path`` untouched and nothing
+    temporary behind. Ctrl-C during the write is acted on once the file is published (:func:`ctrl_c_deferred`).
+    ``overwrite=False`` publishes only if ``path`` does not exist, even if another process creates it meanwhile; a
+    symbolic link at ``path`` is never written through.
     """
     def write(staged: Path) -> None:
         with open(staged, "wb") as fh:
@@ -173,7 +177,26 @@ def atomic_save(obj: Any, path: PathLike, overwrite: bool = True, what: str = "c
             if not archive.namelist():
                 raise Med3DError("the written archive is empty")
 
-    return write_atomically(path, write, overwrite=overwrite, verify=verify, what=what)
+    with ctrl_c_deferred():
+        return write_atomically(path, write, overwrite=overwrite, verify=verify, what=what)
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt. torch.save writes through Python
+    file callbacks; an interrupt raised inside one reaches its C++ zip writer as a failed write ("unexpected pos")
+    and would be reported as a disk error instead of an interruption. Main thread only (where signals arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: List[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def refuse_overwrite(path: Path, overwrite: bool) -> None:

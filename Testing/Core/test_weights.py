@@ -2,9 +2,11 @@
 MedicalNet import/export."""
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import re
+import signal
 
 import pytest
 import torch
@@ -136,6 +138,23 @@ def test_safe_load_truncated_file(tmp_path, zip_format):
 
 
 # ------------------------------------------------------------------------------------------------ atomic_save
+
+class _CtrlCWhilePickled:
+    """Sends this process a SIGINT while torch.save pickles it, as a user's Ctrl-C during a checkpoint write."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return (collections.OrderedDict, ())  # unpickles as an empty OrderedDict, which weights-only loading allows
+
+
+def test_ctrl_c_during_a_save_publishes_the_file_then_interrupts(tmp_path):
+    path = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"step": _CtrlCWhilePickled(), "w": torch.ones(3)}, path)
+    assert safe_load(path)["step"] == collections.OrderedDict() and torch.equal(safe_load(path)["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
+
 
 def test_atomic_save_writes_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "a.pt"
