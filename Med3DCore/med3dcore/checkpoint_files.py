@@ -186,8 +186,8 @@ def ctrl_c_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt. torch.save writes through Python
     file callbacks; an interrupt raised inside one reaches its C++ zip writer as a failed write ("unexpected pos")
     and would be reported as a disk error instead of an interruption. Main thread only (where signals arrive)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield  # no signals here, or Ctrl-C ignored by whoever started us (nohup, a background job): leave it so
         return
     received: List[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))

@@ -28,6 +28,12 @@ from test_new_user_errors import _bundle, _check_error, _med3d
 ENV = dict(os.environ, OMP_NUM_THREADS="2")
 
 
+def _ctrl_c_default() -> None:
+    """In the child before exec: Ctrl-C back to its default even when this test run was started with SIGINT
+    ignored (a background job keeps SIG_IGN across exec, and the child would never see the Ctrl-C sent to it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Files:
     return make_shared(tmp_path_factory.mktemp("faults_shared"))
@@ -232,7 +238,7 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 def test_11_ctrl_c_in_the_first_second(shared, tmp_path):
     proc = subprocess.Popen(_med3d() + ["segment", str(shared["ct"]), str(tmp_path / "l.nii.gz"), "--model",
                                         str(shared["lung"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+                            text=True, env=ENV, preexec_fn=_ctrl_c_default)
     maps = Path(f"/proc/{proc.pid}/maps")  # wait until torch is being loaded: well inside the first second's work
     if maps.exists():
         _wait_for(lambda: proc.poll() is not None or "torch" in maps.read_text(), 60)
@@ -262,7 +268,7 @@ def test_11_ctrl_c_while_writing_checkpoints(shared, tmp_path):
 
     out = tmp_path / "run"
     proc = subprocess.Popen(_pretrain_long(shared, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+                            env=ENV, preexec_fn=_ctrl_c_default)
     _wait_for(lambda: (out / "checkpoints" / "last.pt").exists() or proc.poll() is not None)
     time.sleep(0.7)
     proc.send_signal(signal.SIGINT)

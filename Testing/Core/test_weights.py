@@ -147,13 +147,32 @@ class _CtrlCWhilePickled:
         return (collections.OrderedDict, ())  # unpickles as an empty OrderedDict, which weights-only loading allows
 
 
-def test_ctrl_c_during_a_save_publishes_the_file_then_interrupts(tmp_path):
+@pytest.fixture()
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler for the test, also when this process was started with SIGINT ignored (a
+    background job)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_a_save_publishes_the_file_then_interrupts(tmp_path, ctrl_c_raises):
     path = tmp_path / "last.pt"
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"step": _CtrlCWhilePickled(), "w": torch.ones(3)}, path)
     assert safe_load(path)["step"] == collections.OrderedDict() and torch.equal(safe_load(path)["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_a_save(tmp_path):
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        atomic_save({"step": _CtrlCWhilePickled()}, tmp_path / "last.pt")  # no KeyboardInterrupt
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert safe_load(tmp_path / "last.pt")["step"] == collections.OrderedDict()
 
 
 def test_atomic_save_writes_and_leaves_no_temporary(tmp_path):
