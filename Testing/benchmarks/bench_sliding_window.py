@@ -41,7 +41,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_common import (current_rss_mb, fmt, machine_line, paired, peak_rss_mb,  # noqa: E402
+from bench_common import (current_rss_mb, fmt, machine_line, paired,  # noqa: E402
                           peak_since_reset_mb, require_model, reset_peak_rss, summary)
 
 ROOT = HERE.parents[1]
@@ -122,6 +122,8 @@ def _child(config: Dict[str, Any]) -> Dict[str, float]:
     torch.set_num_threads(config["threads"])
     setup = Setup(torch, config["model"], config["scan"], config["predict"] == "bf16", (config["predict"],))
     base = current_rss_mb()
+    # This process's own peak so far (VmHWM; getrusage's ru_maxrss would include the parent's RSS at fork on Linux)
+    loading_peak = peak_since_reset_mb()
     if not reset_peak_rss():  # the peak of loading and preparing would hide the inference's own
         raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs); run with --parts output,quality")
     tile = config["tile"] if config["tile"] in (None, "auto") else tuple(config["tile"])
@@ -129,7 +131,7 @@ def _child(config: Dict[str, Any]) -> Dict[str, float]:
         setup.monai(tile, config["overlap"])
     else:
         setup.ours(getattr(setup, config["predict"]), tile, config["overlap"])
-    return {"inference_mb": peak_since_reset_mb() - base, "peak_mb": peak_rss_mb()}
+    return {"inference_mb": peak_since_reset_mb() - base, "peak_mb": max(loading_peak, peak_since_reset_mb())}
 
 
 def _memory(config: Dict[str, Any]) -> Dict[str, float]:
