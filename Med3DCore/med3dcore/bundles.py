@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .bundle_checks import CHECKSUM_KEY, check_bundle, content_digest
+from .bundle_checks import CHECKSUM_KEY, TASK_TYPES, check_bundle, content_digest
 from .catalog import models_dir
 from .checkpoint_files import (BUNDLE_FORMAT, MODEL_SUFFIXES, TRAINING_FORMAT, PathLike, atomic_save, file_weights,
                                refuse_overwrite, safe_load)
@@ -25,7 +25,6 @@ from .nets.resnet import DEPTHS
 
 BUNDLE_VERSION = 1
 BUNDLE_KEYS = ("architecture", "task", "labels", "preprocessing", "provenance", "state_dict")
-TASK_TYPES = ("segmentation", "classification", "encoder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
