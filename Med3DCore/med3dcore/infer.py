@@ -4,7 +4,7 @@ classification, from a model bundle alone.
 :func:`segment` and :func:`classify` are the stable entry points the command line and the Slicer module call.
 A volume's journey: preprocessing recorded in the bundle (reorientation, resampling, windows, z-score) ->
 sliding-window network (``sliding.py``) -> class probabilities back on the input's own grid -> argmax ->
-anatomical clean-up (largest connected components) -> a label map with exactly the input's geometry.
+anatomical clean-up (``clean_up.py``) -> a label map with exactly the input's geometry.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from .bundles import Bundle, load_bundle, model_from_bundle
+from .clean_up import clean_up, keep_largest_components
 from .devices import describe_precision, resolve_device, resolve_precision
 from .errors import Med3DError
 from .nets.model import Med3DNet, build_model
@@ -44,14 +44,6 @@ CLASSICAL_TASKS = ("lung",)
 DEFAULT_TILE = "auto"
 DEFAULT_OVERLAP = 0.1
 OUTPUT_STRIDE = 8  # MedicalNet encoders downsample by 8; tiles are multiples of it
-
-# Anatomy-driven clean-up, by task name: keep this many largest connected components, either of each label
-# ("per_label") or of the whole foreground ("foreground"). Lungs: two (left and right) when there is one lung
-# label, one per label when each lung has its own; liver: one organ (tumours inside it stay).
-KEEP_COMPONENTS: Dict[str, Tuple[str, int]] = {"lung": ("per_label", 2), "liver": ("foreground", 1)}
-# A second lung component smaller than this fraction of the first is noise (a scan may show one lung only).
-MIN_SECOND_FRACTION = 0.05
-
 
 @dataclass
 class SegmentationResult:
@@ -224,38 +216,6 @@ def _classes(volume: Volume, net: Med3DNet, spec: PreprocessSpec, device: torch.
     return restore_class_map(probs.numpy(), prepared), int(probs.shape[0])
 
 
-def keep_largest_components(labels: np.ndarray, mode: str, count: int) -> np.ndarray:
-    """Keep the ``count`` largest 26-connected components of each label (``per_label``) or of the foreground
-    (``foreground``, whole components kept with all their labels); the rest becomes background. Components
-    after the first that are smaller than :data:`MIN_SECOND_FRACTION` of it are dropped too."""
-    out = labels.copy()
-    foreground = labels > 0
-    if not foreground.any():
-        return out
-    # Components never leave the box around the foreground: label only inside it (same result, a fraction of
-    # the voxels of a whole CT).
-    box = []
-    for axis in range(labels.ndim):
-        hit = np.flatnonzero(foreground.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    inside, kept = labels[tuple(box)], out[tuple(box)]
-    structure = np.ones((3,) * labels.ndim, dtype=bool)
-    present = np.flatnonzero(np.bincount(inside.ravel())) if inside.dtype.kind == "u" else np.unique(inside)
-    groups = [foreground[tuple(box)]] if mode == "foreground" else [inside == v for v in present if v != 0]
-    for mask in groups:
-        components, n = ndimage.label(mask, structure=structure)
-        if n <= 1:
-            continue
-        sizes = np.bincount(components.ravel())[1:]
-        order = np.argsort(sizes)[::-1]
-        keep = [order[0]] + [c for c in order[1:count] if sizes[c] >= MIN_SECOND_FRACTION * sizes[order[0]]]
-        drop = np.ones(n + 1, dtype=bool)
-        drop[0] = False
-        drop[np.asarray(keep) + 1] = False
-        kept[drop[components]] = 0
-    return out
-
-
 def _label_map(classes: np.ndarray, n_classes: int, values: Sequence[int]) -> np.ndarray:
     """Class indices mapped to the bundle's label values (class 0 is background), smallest integer dtype."""
     if len(values) + 1 != n_classes:
@@ -318,7 +278,7 @@ def segment(volume: Volume, model: Optional[ModelLike] = None, task: Optional[st
     ``options``: ``tile`` (K, J, I voxels, None = whole volume, ``"auto"`` = the whole volume when it fits the voxel
     budget, else the fewest tiles within it), ``overlap``, ``batch_size``, ``precision`` (auto/fp32/bf16/amp; auto =
     amp on CUDA, bf16 on CPUs with native bfloat16, else fp32), ``blend`` (gaussian/constant), ``keep_largest``
-    (anatomical clean-up, default on).
+    (the anatomical clean-up, :func:`clean_up`, default on).
     A model trained only on synthetic phantoms warns that it is, unless ``synthetic_input`` says the scan is a
     phantom too (the demo's). Progress goes to ``reporter``; warnings (also sent as ``message`` events) are in
     the result. The label map has exactly the input's size, spacing, origin and direction.
@@ -355,18 +315,8 @@ def segment(volume: Volume, model: Optional[ModelLike] = None, task: Optional[st
         classes, n_classes = _classes(volume, net, spec, dev, opts, reporter, name)
         labels = _label_map(classes, n_classes, [int(info["value"]) for info in bundle.labels])
         del classes
-    rule = KEEP_COMPONENTS.get(name)
-    if opts.keep_largest and name == "lung":
-        from .classical_lung import inside_body
-
-        body = inside_body(volume)  # air outside the patient is never lung, however large (a CT only)
-        if body is not None:
-            labels[~body] = 0
-    if opts.keep_largest and rule is not None:
-        per_label, count = rule
-        if per_label == "per_label" and len(bundle.labels) > 1:
-            count = 1  # one label per lung: the largest of each
-        labels = keep_largest_components(labels, per_label, count)
+    if opts.keep_largest:
+        labels = clean_up(volume, labels, bundle)
     label_info = [{"value": int(info["value"]), "name": str(info["name"]), "color": info.get("color"),
                    "terminology": info.get("terminology")} for info in bundle.labels]
     return SegmentationResult(volume.with_array(labels), label_info, warnings)

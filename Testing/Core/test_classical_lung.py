@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from med3dcore.classical_lung import LUNG_LABELS, refine_to_air, segment_lungs
+from med3dcore.classical_lung import LUNG_LABELS, clean_up_model_labels, inside_body, refine_to_air, segment_lungs
 from med3dcore.errors import Med3DError
 from med3dcore.metrics import dice
 from med3dcore.phantoms import store_as
@@ -177,3 +177,20 @@ def test_refine_to_air_puts_a_coarse_boundary_back_on_the_lung(data_dir):
     other = Volume(truth, scan.spacing, (0.0, 0.0, 0.0), scan.direction)
     with pytest.raises(Med3DError, match="grid differs from the scan"):
         refine_to_air(other, scan)
+
+
+def test_model_clean_up_keeps_the_lung_inside_the_body_on_its_air(data_dir):
+    """A network's lungs grown past the pleura, plus the air beside the patient taken for lung (as a lung model
+    did on chest_ct_4dphase): the clean-up keeps nothing outside the body, and the pleura where the CT has it."""
+    scan, found = _run(data_dir, "ct/chest_ct.nrrd")
+    truth = found.labels.array
+    body = inside_body(scan)
+    labels = np.where(ndimage.binary_dilation(truth > 0, structure=np.ones((1, 3, 3), bool), iterations=3),
+                      1, 0).astype(np.uint8)
+    labels[~body & (scan.array < -500)] = 1
+    cleaned = clean_up_model_labels(scan, labels.copy())
+    assert cleaned.shape == truth.shape and set(np.unique(cleaned)) == {0, 1}
+    assert (labels & ~body).sum() > 1000 and not (cleaned.astype(bool) & ~body).any()
+    assert dice(labels > 0, truth > 0) < 0.8 and dice(cleaned > 0, truth > 0) > 0.98
+    mr = Volume(np.full(truth.shape, 300.0, np.float32), scan.spacing, scan.origin, scan.direction)
+    np.testing.assert_array_equal(clean_up_model_labels(mr, labels.copy()), labels)  # not a CT: left alone

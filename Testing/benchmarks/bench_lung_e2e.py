@@ -76,6 +76,7 @@ def main() -> None:
     from med3dcore.sliding import make_predictor, sliding_window
     from med3dcore.volume_files import read_volume, write_volume
     from med3dcore.bundles import model_from_bundle
+    from med3dcore.clean_up import clean_up
     imports["med3dcore"] = time.perf_counter() - t
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -119,7 +120,7 @@ def main() -> None:
         labels = infer._label_map(classes, probs.shape[0], [int(i["value"]) for i in bundle.labels])
         stages["restore"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        kept = infer.keep_largest_components(labels, "per_label", 2 if len(bundle.labels) == 1 else 1)
+        kept = clean_up(volume, labels, bundle)
         stages["clean-up"].append(time.perf_counter() - t)
         t = time.perf_counter()
         write_volume(volume.with_array(kept), tmp / "stages.nii.gz", overwrite=True)

@@ -57,7 +57,8 @@ def add_parser(subparsers: Any) -> None:
                    help="auto (default: float16 mixed precision on CUDA, bf16 on CPUs with native bfloat16 "
                         "(AVX512_BF16 or AMX), fp32 elsewhere), fp32, bf16, or amp (CUDA only)")
     p.add_argument("--no-clean-up", action="store_true",
-                   help="keep every connected component (default: keep the largest where anatomy demands it)")
+                   help="keep the network's labels as they are (default: the largest components where anatomy "
+                        "demands it; for lungs on a CT also nothing outside the body, boundary on the scan's air)")
     p.add_argument("--progress", default="bar", choices=PROGRESS_MODES,
                    help="bar (terminal), jsonl (one JSON object per line on stdout) or none")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT / the overlay if they exist")
