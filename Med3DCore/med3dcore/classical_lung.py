@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import lung_morphology as lm
+from .clean_up import bounding_box
 from .errors import Med3DError
 from .progress import Reporter, make_event, null_reporter
 from .volume import Volume, from_canonical, to_canonical
@@ -289,7 +290,7 @@ def refine_to_air(labels: Volume, scan: Volume, band_mm: float = 3.0) -> Volume:
     own air/tissue boundary within ``band_mm`` of where it was: inside the band a voxel is lung when it holds air
     (the scan's threshold, as :func:`segment_lungs` finds it), deeper inside it stays as labelled, and each label's
     slices are filled. ``labels`` must lie on ``scan``'s grid; the result does too. A lung model's clean-up
-    (``infer.segment``) ends with it: a network on a 3-4 mm grid cannot place the pleura as the full-resolution
+    (``clean_up.py``) uses it: a network on a 3-4 mm grid cannot place the pleura as the full-resolution
     threshold does."""
     check_ct(scan.array)
     if not labels.same_geometry(scan, atol=1e-3):
@@ -298,7 +299,9 @@ def refine_to_air(labels: Volume, scan: Volume, band_mm: float = 3.0) -> Volume:
     canon_labels = to_canonical(labels)[0].array
     out = np.zeros(canon_labels.shape, dtype=np.uint8)
     steps = max(1, int(round(band_mm / min(canon.spacing[:2]))))
-    box = _box(canon_labels > 0, margin=(0, steps + 2, steps + 2))  # the work is the labels' box, not the scan
+    # Only the labels' box: with a margin of the band plus two voxels, dilating, filtering and filling holes give
+    # what they give on the whole grid (nothing they touch reaches the box's border).
+    box = bounding_box(canon_labels > 0, margin=(0, steps + 2, steps + 2))
     if box is not None:
         hu = canon.array
         threshold = lm.air_threshold(lm.block_mean(hu, lm.grid_factors(canon.spacing, WORK_MM))[0])
@@ -321,17 +324,6 @@ def clean_up_model_labels(volume: Volume, labels: np.ndarray) -> np.ndarray:
     refined = refine_to_air(volume.with_array(np.where(body, labels, 0).astype(labels.dtype)), volume).array
     refined[~body] = 0  # the band reaches past the skin where a label touches it
     return refined
-
-
-def _box(mask: np.ndarray, margin: Tuple[int, int, int]) -> Optional[Tuple[slice, ...]]:
-    """The bounding box of ``mask`` grown by ``margin`` voxels per axis (clipped), or None when it is empty. With
-    a margin of the band plus two voxels, dilating, filtering and filling holes inside the box give what they give
-    on the whole grid: nothing they touch reaches the box's border."""
-    axes = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    if not axes[0].size:
-        return None
-    return tuple(slice(max(0, int(ax[0]) - m), min(n, int(ax[-1]) + m + 1))
-                 for ax, m, n in zip(axes, margin, mask.shape))
 
 
 def _refine_box(labels: np.ndarray, air: np.ndarray, steps: int, out: np.ndarray) -> None:

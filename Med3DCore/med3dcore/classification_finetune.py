@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .devices import resolve_device
+from .devices import resolve_device, training_autocast
 from .errors import Med3DError
 from .finetune import (build_initialised_model, encoder_head_groups, freeze_encoder_parts, grouped_split,
                        learning_rates, run_bundle_path, start_fresh)
@@ -43,6 +43,7 @@ class ClassificationSettings:
     device: str = "auto"
     schedule: str = "poly"
     weight_decay: float = 1e-4
+    amp: str = "auto"                     # mixed precision of the training steps (train.TrainConfig.amp)
     cache_dir: Optional[str] = None       # prepared cubes; default <out>/<name>/cache
 
     def to_dict(self) -> Dict[str, Any]:
@@ -305,7 +306,7 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
 
     seed_everything(settings.seed)
     model, provenance = build_initialised_model({"type": "classifier", "num_classes": 2}, init, backbone)
-    resolve_device(settings.device)  # a device this machine lacks is refused before anything is written
+    training_autocast(settings.amp, resolve_device(settings.device))  # refused before anything is written
     start_fresh(out_dir / name, overwrite, resume)  # every new input read and checked by now
     for stored_cases, stored_cubes in to_store:
         store_cubes(stored_cases, spec, cache, stored_cubes)
@@ -315,7 +316,7 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
                          weight_decay=settings.weight_decay, schedule=settings.schedule,
                          validate_every=settings.validate_every, best_metric="auc" if len(set(val_labels.tolist())) == 2
                          else "accuracy", checkpoint_every=max(settings.validate_every, 50), seed=settings.seed,
-                         device=settings.device)
+                         device=settings.device, amp=settings.amp)
     sampler = CubeSampler(cubes, labels, settings.batch_size, settings.seed, settings.augment)
     last_probs: Dict[int, np.ndarray] = {}
 

@@ -12,6 +12,8 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 # Inference precisions (see sliding.make_predictor and resolve_precision); here so the command line lists them
 # without torch.
 PRECISIONS = ("auto", "fp32", "bf16", "amp")
+# Mixed precision of training steps (TrainConfig.amp): auto = bf16/fp16 on CUDA, off on a CPU.
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 def _mps_available() -> bool:
@@ -121,6 +123,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise Med3DError(f"precision 'amp' (float16 autocast) needs a CUDA device; on {device.type} float16 "
                          "convolutions are very slow: use bf16 (fast on CPUs with AVX512_BF16 or AMX) or fp32")
     return name
+
+
+def training_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of a training step (``TrainConfig.amp``): ``auto`` is bf16 on CUDA where supported, else
+    float16, and no autocast (float32) off CUDA; ``bf16`` also on a CPU (fast with AVX512_BF16 or AMX); ``fp16``
+    only on CUDA (PyTorch's reference kernels on a CPU take minutes per step); ``off`` none."""
+    import torch
+
+    if amp not in AMP_MODES:
+        raise Med3DError(f"amp '{amp}' unknown; choose {', '.join(AMP_MODES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise Med3DError("amp 'fp16' needs a CUDA device; on a CPU use bf16 (fast with AVX512_BF16 or AMX) or off")
+    if amp == "off" or (device.type != "cuda" and amp == "auto"):
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
 
 
 def describe_precision(precision: str, device: torch.device) -> str:

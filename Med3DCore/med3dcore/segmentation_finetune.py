@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .devices import resolve_device, training_autocast
 from .errors import Med3DError
 from .finetune import (build_initialised_model, encoder_head_groups, freeze_encoder_parts, grouped_split,
                        learning_rates, run_bundle_path, start_fresh)
@@ -58,6 +59,7 @@ class SegmentationSettings:
     coarse_steps: Optional[int] = None                 # liver: steps of the coarse stage (default: steps)
     seed: int = 0
     device: str = "auto"
+    amp: str = "auto"                     # mixed precision of the training steps (train.TrainConfig.amp)
     cache_dir: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
@@ -171,7 +173,8 @@ def _run_stage(domain: Any, val_domain: Any, spacing: Sequence[float], head: Map
         sampler = RotatingSampler(sampler, settings.rotate_deg, settings.seed)
     config = TrainConfig(steps=steps, batch_size=settings.batch_size, lr=head_lr, pretrained_lr=lr,
                          validate_every=settings.validate_every, best_metric="dice",
-                         checkpoint_every=max(settings.validate_every, 25), seed=settings.seed, device=settings.device)
+                         checkpoint_every=max(settings.validate_every, 25), seed=settings.seed, device=settings.device,
+                         amp=settings.amp)
     result = train(model, config, sampler.next_batch, segmentation_loss, run_dir,
                    groups=encoder_head_groups(model, lr, head_lr),
                    validate=(lambda m: volume_dice(m, val_data, values)) if val_data is not None else None,
@@ -245,6 +248,7 @@ def finetune_segmentation(domain: Any, out_dir: Path, name: str, *, preset: Opti
     run_dir = out_dir / name
     if init not in (None, "", "scratch"):
         build_initialised_model(head, init, backbone)  # a bad --init fails before anything is removed
+    training_autocast(settings.amp, resolve_device(settings.device))  # so do a device or amp this machine lacks
     start_fresh(run_dir, overwrite, resume)
     extra: Dict[str, Any] = {}
     coarse_info = None

@@ -11,8 +11,8 @@ it minimises come from two callbacks, so the same loop serves every task:
 
 Around them the loop provides: per-parameter-group learning rates
 (:func:`~med3dcore.training_setup.param_groups`: pretrained encoder vs new layers), weight decay, warm-up +
-constant/poly/cosine schedules, gradient clipping, mixed precision on CUDA (bf16, or fp16 with a GradScaler;
-always off on CPU), atomic checkpoints every N steps (``checkpoints/last.pt``), exact
+constant/poly/cosine schedules, gradient clipping, mixed precision (CUDA: bf16, or fp16 with a GradScaler; a
+CPU: bf16 autocast when ``amp`` is ``bf16``), atomic checkpoints every N steps (``checkpoints/last.pt``), exact
 resume (step, model, optimiser, scheduler, GradScaler, the state of every object in ``stateful`` such as the
 sampler, and the python/numpy/torch random states), optional validation every N steps that keeps
 ``checkpoints/best.pt`` by a named metric, and progress events through the reporter.
@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .checkpoint_files import atomic_save, safe_load
-from .devices import describe_device
+from .devices import describe_device, training_autocast
 from .distributed import average_grads_and_loss, broadcast_model, distributed_context, running_stats, training_device
 from .errors import Med3DError
 from .progress import Reporter, make_event, null_reporter
@@ -78,17 +78,6 @@ class TrainResult:
     history: List[Dict[str, Any]] = field(default_factory=list)
     best: Optional[Dict[str, Any]] = None
     validations: List[Dict[str, Any]] = field(default_factory=list)  # {"step", metric: value, ...} per validation
-
-
-
-def _amp_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    if device.type != "cuda" or config.amp == "off":
-        return None
-    if config.amp == "fp16":
-        return torch.float16
-    if config.amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 
@@ -210,7 +199,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     opt_groups = groups if groups is not None else param_groups(model, config.lr, config.pretrained_lr)
     optimizer = make_adam(opt_groups, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    amp_dtype = _amp_dtype(config, device)
+    amp_dtype = training_autocast(config.amp, device)
     scaler = _make_scaler(amp_dtype == torch.float16)
 
     start_step, history, best, rates_note = 0, [], None, None

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .devices import AMP_MODES
 from .errors import Med3DError
 
 
 SCHEDULES = ("constant", "poly", "cosine")
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 

@@ -275,6 +275,8 @@ CASES = [
                  id="finetune-nodule-mask-geometry"),
     pytest.param("evaluate --model {lung} --images {images} --labels {labels} --device cpu",
                  ["does not lie on the grid", "resample"], id="evaluate-label-geometry"),
+    pytest.param("finetune --task nodule --csv {nodules_csv} --out {results} --steps 1 --device cpu --progress none "
+                 "--cube 16 --amp fp16", ["amp 'fp16' needs a CUDA device", "bf16"], id="finetune-fp16-on-cpu"),
     # models
     pytest.param("classify {ct} --model {lung}", ["segmentation model", "med3d segment"], id="seg-model-to-classify"),
     pytest.param("segment {ct} {results}/lung.nii.gz --model {nodule}", ["classification model", "med3d classify"],

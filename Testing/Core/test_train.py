@@ -329,3 +329,30 @@ def test_segmentation_networks_train_channels_last_on_cpu(tmp_path):
     reloaded.load_state_dict(saved)  # a channels-last checkpoint loads into a plain network: same values
     assert torch.equal(reloaded.encoder.conv1.weight, lung.encoder.conv1.weight)
 
+
+
+@pytest.mark.parametrize("amp, expected", [("bf16", torch.bfloat16), ("auto", None), ("off", None)])
+def test_bf16_autocast_on_a_cpu_only_when_asked(tmp_path, amp, expected):
+    """amp bf16 trains a CPU step under bf16 autocast (the convolution's output is bf16; the weights and the
+    optimiser stay float32); auto and off keep float32 on a CPU."""
+    seen = []
+
+    def loss(model, batch):
+        logits = model(batch["image"])
+        seen.append(logits.dtype)
+        return ce_dice_loss(logits.float(), batch["label"]), {}
+
+    seed_everything(0)
+    model = TinyNet()
+    config = TrainConfig(steps=3, batch_size=4, lr=0.01, device="cpu", amp=amp, checkpoint_every=0)
+    result = train(model, config, Batches().next_batch, loss, tmp_path)
+    assert seen == [expected or torch.float32] * 3
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+
+
+def test_fp16_on_a_cpu_is_refused_in_one_line(tmp_path):
+    config = TrainConfig(steps=1, batch_size=4, lr=0.01, device="cpu", amp="fp16")
+    with pytest.raises(Med3DError, match="amp 'fp16' needs a CUDA device; on a CPU use bf16"):
+        train(TinyNet(), config, Batches().next_batch, seg_loss, tmp_path)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()

@@ -13,10 +13,11 @@ the carina with the airway that was cut out, label 3) under --out.
 
 Med3D model, leave one scan out: for each full chest CT, a ResNet-10 lung model (lung preset, from scratch,
 Adam lr 0.001, classical labels of the two other chest CTs, no validation split) segments the held-out scan;
-Dice of its lung mask against the classical method's, as `med3d segment` gives it (the clean-up ends with
+Dice of its lung mask against the classical method's, as `med3d segment` gives it (its clean-up includes
 classical_lung.refine_to_air: the boundary moved onto the scan's air/tissue boundary within 3 mm) and with the
-clean-up's earlier steps only (the network's own boundary). --reuse scores models already trained under --out. Then the end-to-end time (read, segment, write) on
-chest_ct.nrrd of the model trained without it and of the classical method.
+clean-up's other steps only (the network's own boundary). --reuse scores models already trained under --out.
+Then the end-to-end time (read, segment, write) on chest_ct.nrrd of the model trained without it and of the
+classical method.
 
 --final trains the model the other benchmarks use on all three chest CTs, with exactly this command (kept outside
 the repository):

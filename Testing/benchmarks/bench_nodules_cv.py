@@ -65,6 +65,7 @@ def main() -> int:
     parser.add_argument("--freeze", default="")
     parser.add_argument("--cube", type=int, default=NoduleInputSpec.cube, help="cube size in voxels")
     parser.add_argument("--cube-spacing", type=float, default=NoduleInputSpec.spacing_mm, help="cube spacing in mm")
+    parser.add_argument("--amp", default=ClassificationSettings.amp, help="auto, off, bf16 (CPU too), fp16 (CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", nargs="*", help="print the summary of finished runs and exit")
     args = parser.parse_args()
@@ -90,7 +91,7 @@ def main() -> int:
         result = finetune_classification(
             [cases[i] for i in train_idx], args.out, f"fold{k}", init=args.init, spec=spec, cubes=cubes[train_idx],
             settings=ClassificationSettings(steps=args.steps, batch_size=args.batch_size,
-                                            freeze=tuple(p for p in args.freeze.split(",") if p)),
+                                            freeze=tuple(p for p in args.freeze.split(",") if p), amp=args.amp),
             reporter=reporter, overwrite=True)
         bundle = load_bundle(result["bundle"])
         probs = predict_probabilities(model_from_bundle(bundle), cubes[test_idx],
@@ -99,7 +100,7 @@ def main() -> int:
         record = {"init": args.init, "fold": k, "test": test, "validation": result["metrics"],
                   "probabilities": probs[:, 1].tolist(), "labels": labels[test_idx].tolist(),
                   "train_cases": int(len(train_idx)), "test_patients": len({cases[i].patient for i in test_idx}),
-                  "steps": args.steps, "input": spec.to_dict(), "seconds": time.time() - start}
+                  "steps": args.steps, "amp": args.amp, "input": spec.to_dict(), "seconds": time.time() - start}
         target.write_text(json.dumps(record))
         print(f"fold {k}: test accuracy {test['accuracy']:.3f} AUC {test['auc']:.3f} "
               f"({record['seconds']:.0f} s)", file=sys.stderr)

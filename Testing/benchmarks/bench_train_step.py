@@ -1,5 +1,6 @@
-"""Training steps per second: the optimiser's form (per-parameter loop, foreach, fused Adam) and the memory layout
-(contiguous vs channels-last 3D), for a segmentation step and a classification step, paired.
+"""Training steps per second: the optimiser's form (per-parameter loop, foreach, fused Adam), the memory layout
+(contiguous vs channels-last 3D) and the precision (fp32, bf16 autocast as ``amp: bf16`` trains), for a
+segmentation step and a classification step, paired.
 
     python Testing/benchmarks/bench_train_step.py [--rounds 5] [--steps 4] [--threads 2]
 
@@ -62,41 +63,45 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from med3dcore.training_setup import make_adam, training_layout
 
-    variants = [("loop", False), ("foreach", False), ("fused", False), ("fused", True), ("loop", True)]
+    variants = [("loop", False, False), ("foreach", False, False), ("fused", False, False), ("fused", True, False),
+                ("loop", True, False), ("fused", False, True), ("fused", True, True)]  # (Adam, channels-last, bf16)
     print(machine_line(torch))
     for task in args.tasks.split(","):
         build = _setups(torch)[task]
         runs = {}
-        for kind, channels_last in variants:
+        for kind, channels_last, bf16 in variants:
             model, loss_of = build()
             model.train()
             if channels_last:
                 model.to(memory_format=torch.channels_last_3d)
             optimizer = make_adam([{"params": list(model.parameters())}], 1e-3, 0.0, kind=kind)
-            runs[(kind, channels_last)] = (model, loss_of, optimizer, [])
+            runs[(kind, channels_last, bf16)] = (model, loss_of, optimizer, [])
 
-        def step(model, loss_of, optimizer):
+        def step(model, loss_of, optimizer, bf16):
             optimizer.zero_grad(set_to_none=True)
-            loss_of(model).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what train.train does for amp bf16
+                loss = loss_of(model)
+            loss.backward()
             optimizer.step()
 
-        for model, loss_of, optimizer, _ in runs.values():
-            step(model, loss_of, optimizer)  # warm-up: oneDNN primitives, optimiser state
+        for key, (model, loss_of, optimizer, _) in runs.items():
+            step(model, loss_of, optimizer, key[2])  # warm-up: oneDNN primitives, optimiser state
         keys = list(runs)
         for r in range(args.rounds):
             for key in keys[r % len(keys):] + keys[:r % len(keys)]:
                 model, loss_of, optimizer, times = runs[key]
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    step(model, loss_of, optimizer)
+                    step(model, loss_of, optimizer, key[2])
                 times.append((time.perf_counter() - start) / args.steps)
-        base = statistics.median(runs[("loop", False)][3])
+        base = statistics.median(runs[("loop", False, False)][3])
         print(f"\n{task} step (median, min-max of {args.rounds} rounds x {args.steps} steps; load {os.getloadavg()[0]:.1f})")
-        print("| optimiser | layout | s/step | min-max | steps/s | vs loop, contiguous |")
-        print("|---|---|---|---|---|---|")
-        for (kind, channels_last), (_, _, optimizer, times) in runs.items():
+        print("| optimiser | layout | precision | s/step | min-max | steps/s | vs loop, contiguous, fp32 |")
+        print("|---|---|---|---|---|---|---|")
+        for (kind, channels_last, bf16), (_, _, optimizer, times) in runs.items():
             med = statistics.median(times)
-            print(f"| {kind} | {'channels-last' if channels_last else 'contiguous'} | {med:.3f} | "
+            print(f"| {kind} | {'channels-last' if channels_last else 'contiguous'} | "
+                  f"{'bf16 autocast' if bf16 else 'fp32'} | {med:.3f} | "
                   f"{min(times):.3f}-{max(times):.3f} | {1 / med:.2f} | {med / base:.2f}x |")
         # The optimiser's step alone (the same parameters and gradients for every form): steadier than whole steps.
         model = build()[0]

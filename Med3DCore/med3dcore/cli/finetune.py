@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from ..devices import DEVICE_CHOICES
+from ..devices import AMP_MODES, DEVICE_CHOICES
 from ..errors import Med3DError
 from ..progress import PROGRESS_MODES, make_reporter
 
@@ -94,6 +94,9 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--cube-spacing", type=float, default=1.0, help="nodule cube spacing in mm (default 1)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
+    train.add_argument("--amp", default="auto", choices=AMP_MODES,
+                       help="mixed precision of the training steps: auto (CUDA: bf16 or fp16; CPU: off), off, bf16 "
+                            "(also on a CPU: fast with AVX512_BF16 or AMX), fp16 (CUDA only)")
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output folder (the bundle NAME.pt and the run folder NAME/)")
     out.add_argument("--name", default=None, help="model name (default: the task)")
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         settings = ClassificationSettings(
             steps=args.steps or 300, batch_size=args.batch_size or 8, lr=args.lr, head_lr=args.head_lr,
             freeze=freeze, val_fraction=args.val_fraction, validate_every=args.val_every, seed=args.seed,
-            device=args.device)
+            device=args.device, amp=args.amp)
         spec = NoduleInputSpec.from_dict({"cube": args.cube, "spacing_mm": args.cube_spacing})
         finetune_classification(read_nodule_table(args.csv), Path(args.out), name, init=args.init,
                                 backbone=backbone, spec=spec, settings=settings, reporter=reporter,
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     settings = SegmentationSettings(
         steps=args.steps or 200, batch_size=args.batch_size or 2, lr=args.lr, head_lr=args.head_lr, freeze=freeze,
         val_fraction=args.val_fraction, validate_every=args.val_every, patch=_numbers(args.patch, 3, "--patch", int),
-        spacing=_numbers(args.spacing, 3, "--spacing"), seed=args.seed, device=args.device)
+        spacing=_numbers(args.spacing, 3, "--spacing"), seed=args.seed, device=args.device, amp=args.amp)
     if args.real_labels and args.labels != "classical":
         raise Med3DError("--real-labels goes with --labels classical; with a folder of masks give it as --labels")
     domain, sources = _pseudo_domain(args, name, reporter) if args.labels == "classical" else (_domain(args), None)
