@@ -15,6 +15,7 @@ is written through :func:`atomic_save`, so a crash never leaves a half-written f
 from __future__ import annotations
 
 import contextlib
+import os
 import pickletools
 import re
 import signal

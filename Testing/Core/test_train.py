@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from med3dcore.checkpoint_files import safe_load
+from med3dcore.devices import cpu_bf16_support
 from med3dcore.errors import Med3DError
 from med3dcore.train import split_batch, train
 from med3dcore.training_setup import (TrainConfig, ce_dice_loss, lr_factor, make_adam, param_groups, seed_everything,
@@ -163,7 +164,8 @@ def test_micro_batches_equal_the_average_of_separate_halves(tmp_path):
     reference.load_state_dict(model.state_dict())
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batch = Batches().next_batch(1)
-    config = TrainConfig(steps=1, batch_size=4, micro_batch=2, lr=0.01, device="cpu", schedule="constant")
+    config = TrainConfig(steps=1, batch_size=4, micro_batch=2, lr=0.01, device="cpu", schedule="constant",
+                         amp="off")  # the reference below computes in float32
     train(model, config, lambda step: batch, seg_loss, tmp_path)
     # By hand: gradients of each half, averaged, one Adam step.
     grads = []
@@ -331,10 +333,12 @@ def test_segmentation_networks_train_channels_last_on_cpu(tmp_path):
 
 
 
-@pytest.mark.parametrize("amp, expected", [("bf16", torch.bfloat16), ("auto", None), ("off", None)])
-def test_bf16_autocast_on_a_cpu_only_when_asked(tmp_path, amp, expected):
+@pytest.mark.parametrize("amp, expected", [("bf16", torch.bfloat16), ("auto", "native"), ("off", None)])
+def test_bf16_autocast_on_a_cpu(tmp_path, amp, expected):
     """amp bf16 trains a CPU step under bf16 autocast (the convolution's output is bf16; the weights and the
-    optimiser stay float32); auto and off keep float32 on a CPU."""
+    optimiser stay float32); auto does so only on a CPU with native bfloat16; off keeps float32."""
+    if expected == "native":
+        expected = torch.bfloat16 if cpu_bf16_support() else None
     seen = []
 
     def loss(model, batch):
@@ -345,8 +349,11 @@ def test_bf16_autocast_on_a_cpu_only_when_asked(tmp_path, amp, expected):
     seed_everything(0)
     model = TinyNet()
     config = TrainConfig(steps=3, batch_size=4, lr=0.01, device="cpu", amp=amp, checkpoint_every=0)
-    result = train(model, config, Batches().next_batch, loss, tmp_path)
+    events = []
+    result = train(model, config, Batches().next_batch, loss, tmp_path, reporter=events.append)
     assert seen == [expected or torch.float32] * 3
+    start = next(e["message"] for e in events if e.get("message", "").startswith("starting"))
+    assert ("bfloat16 autocast" in start) == (expected is not None), start
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(math.isfinite(r["loss"]) for r in result.history)
 

@@ -155,7 +155,8 @@ def _end_to_end(scan: Path, out: Path, **kwargs) -> float:
     return round(time.perf_counter() - start, 2)
 
 
-def loso_rows(out: Path, steps: int, held_out: list[str] | None = None, reuse: bool = False) -> dict:
+def loso_rows(out: Path, steps: int, held_out: list[str] | None = None, reuse: bool = False,
+              amp: str = "auto") -> dict:
     """Leave one chest CT out: train on the other two (classical labels), Dice against classical on it."""
     import numpy as np
 
@@ -180,7 +181,8 @@ def loso_rows(out: Path, steps: int, held_out: list[str] | None = None, reuse: b
                     link.symlink_to(DATA / other)
             start = time.perf_counter()
             domain, sources = classical_lung_domain(images, out / name, name)
-            settings = SegmentationSettings(steps=steps, lr=LR, val_fraction=0.0, validate_every=0, device="cpu")
+            settings = SegmentationSettings(steps=steps, lr=LR, val_fraction=0.0, validate_every=0, device="cpu",
+                                            amp=amp)
             bundle = finetune_segmentation(domain, out, name, preset="lung", settings=settings,
                                            label_sources=sources, overwrite=True)["bundle"]
             train_s = round(time.perf_counter() - start)
@@ -218,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "med3d_bench_lungs"))
     parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps of each lung model")
+    parser.add_argument("--amp", default="auto", help="training precision of the leave-one-out models (train.amp)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-loso", action="store_true", help="classical figures only")
     parser.add_argument("--held-out", nargs="+", choices=CHESTS, help="leave out only these chest CTs (default: each)")
@@ -236,7 +239,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     report = {} if args.no_classical else {"classical": classical_rows(out, args.threads)}
     if not args.no_loso:
-        report["loso"] = loso_rows(out, args.steps, args.held_out, args.reuse)
+        report["loso"] = loso_rows(out, args.steps, args.held_out, args.reuse, args.amp)
     if args.final:
         final = Path(args.final)
         images = final.parent / "chest_cts"

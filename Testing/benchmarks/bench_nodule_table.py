@@ -10,7 +10,8 @@ is scored on the same out-of-fold cases, and so is a logistic regression on the 
 out-of-fold logit (does the CNN add to the measurements?). Each row: AUC, accuracy, sensitivity at 90 % specificity, Brier and ECE on
 the pooled out-of-fold probabilities, each with a 95 % interval from a bootstrap over patients; the mean over folds
 of AUC and accuracy (the issue's targets are means over folds); and the paired AUC difference against the
-measured-features baseline (the same patient resamples for both). --png draws the reliability diagram of every row.
+measured-features baseline (the same patient resamples for both), and each later run's against the first run given
+(a lever against the defaults). --png draws the reliability diagram of every row.
 """
 from __future__ import annotations
 
@@ -115,17 +116,20 @@ def main() -> int:
                                                                        folds)
     print(f"{len(labels)} nodules, {labels.sum()} malignant, {len(set(patients))} patients, 5 patient-grouped folds "
           f"(seed 0); features: {', '.join(FEATURE_NAMES)}; {time.time() - start:.0f} s to measure")
+    first = args.runs[0].name if args.runs else None
     print("| model | AUC | accuracy | sens@90%spec | Brier | ECE | mean over folds: AUC, accuracy "
-          "| AUC minus features LR (paired) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| AUC minus features LR (paired) | AUC minus {first or 'the first run'} (paired) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     reference = rows["measured-features LR"]
     for name, p in rows.items():
         s = summarise(p, labels, patients, args.resamples)
         f = per_fold_mean(p, labels, folds)
         diff = "-" if p is reference else fmt(paired_auc_difference(p, reference, labels, patients, args.resamples))
+        versus = "-" if first is None or name in (first, "diameter LR", "measured-features LR") or "stacked" in name \
+            else fmt(paired_auc_difference(p, rows[first], labels, patients, args.resamples))
         print(f"| {name} | {fmt(s['AUC'])} | {fmt(s['accuracy'])} | {fmt(s['sensitivity at 90% specificity'])} "
               f"| {fmt(s['Brier score'])} | {fmt(s['ECE'])} | {f['AUC']:.3f} +- {f['AUC_sd']:.3f}, {f['accuracy']:.3f} +- "
-              f"{f['accuracy_sd']:.3f} | {diff} |")
+              f"{f['accuracy_sd']:.3f} | {diff} | {versus} |")
     if args.png:
         reliability_png(rows, labels, args.png)
         print(f"reliability diagram: {args.png}")
