@@ -129,8 +129,8 @@ def training_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of a training step (``TrainConfig.amp``): ``auto`` is bf16 on CUDA where supported, else
     float16; bf16 on a CPU with native bfloat16 (:func:`cpu_bf16_support`: segmentation steps 1.9x faster, the same
     leave-one-out lung Dice and cross-validated nodule AUC as float32, Testing/benchmarks/RESULTS.md); float32 on
-    other CPUs (emulated bf16 is slower there). ``bf16`` also on any CPU;
-    ``fp16`` only on CUDA (PyTorch's reference kernels on a CPU take minutes per step); ``off`` none."""
+    other CPUs (emulated bf16 is slower there). ``bf16`` on any device; ``fp16`` only on CUDA (PyTorch's
+    reference kernels on a CPU take minutes per step); ``off`` none."""
     import torch
 
     if amp not in AMP_MODES:

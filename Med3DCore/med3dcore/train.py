@@ -12,7 +12,8 @@ it minimises come from two callbacks, so the same loop serves every task:
 Around them the loop provides: per-parameter-group learning rates
 (:func:`~med3dcore.training_setup.param_groups`: pretrained encoder vs new layers), weight decay, warm-up +
 constant/poly/cosine schedules, gradient clipping, mixed precision (CUDA: bf16, or fp16 with a GradScaler; a
-CPU: bf16 autocast where it has native bfloat16, see ``devices.training_autocast``), atomic checkpoints every N steps (``checkpoints/last.pt``), exact
+CPU: bf16 autocast where it has native bfloat16, see ``devices.training_autocast``), atomic checkpoints every N
+steps (``checkpoints/last.pt``), exact
 resume (step, model, optimiser, scheduler, GradScaler, the state of every object in ``stateful`` such as the
 sampler, and the python/numpy/torch random states), optional validation every N steps that keeps
 ``checkpoints/best.pt`` by a named metric, and progress events through the reporter.
