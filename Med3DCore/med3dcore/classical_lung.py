@@ -279,10 +279,8 @@ def inside_body(volume: Volume) -> Optional[np.ndarray]:
     except Med3DError:
         return None
     canon, orientation = to_canonical(volume)
-    factors = lm.grid_factors(canon.spacing, WORK_MM)
-    coarse, _ = lm.block_mean(canon.array, factors)
-    body = ~lm.outside_air(coarse < lm.air_threshold(coarse))
-    return from_canonical(lm.upsample(body, factors, canon.array.shape).astype(np.uint8), orientation).array > 0
+    body, _ = _body_and_threshold(canon)
+    return from_canonical(body.astype(np.uint8), orientation).array > 0
 
 
 def refine_to_air(labels: Volume, scan: Volume, band_mm: float = 3.0) -> Volume:
@@ -290,40 +288,57 @@ def refine_to_air(labels: Volume, scan: Volume, band_mm: float = 3.0) -> Volume:
     own air/tissue boundary within ``band_mm`` of where it was: inside the band a voxel is lung when it holds air
     (the scan's threshold, as :func:`segment_lungs` finds it), deeper inside it stays as labelled, and each label's
     slices are filled. ``labels`` must lie on ``scan``'s grid; the result does too. A lung model's clean-up
-    (``clean_up.py``) uses it: a network on a 3-4 mm grid cannot place the pleura as the full-resolution
-    threshold does."""
+    (:func:`clean_up_model_labels`) uses it: a network on a 3-4 mm grid cannot place the pleura as the
+    full-resolution threshold does."""
     check_ct(scan.array)
     if not labels.same_geometry(scan, atol=1e-3):
         raise Med3DError("the lung labels' grid differs from the scan's; refine labels on the scan they belong to")
     canon, orientation = to_canonical(scan)
-    canon_labels = to_canonical(labels)[0].array
-    out = np.zeros(canon_labels.shape, dtype=np.uint8)
-    steps = max(1, int(round(band_mm / min(canon.spacing[:2]))))
-    # Only the labels' box: with a margin of the band plus two voxels, dilating, filtering and filling holes give
-    # what they give on the whole grid (nothing they touch reaches the box's border).
-    box = bounding_box(canon_labels > 0, margin=(0, steps + 2, steps + 2))
-    if box is not None:
-        hu = canon.array
-        threshold = lm.air_threshold(lm.block_mean(hu, lm.grid_factors(canon.spacing, WORK_MM))[0])
-        image = np.maximum(hu[box], lm.PADDING_FLOOR).astype(np.float32)
-        if min(canon.spacing[:2]) < 1.5:
-            image = ndimage.uniform_filter(image, size=(1, 3, 3))
-        _refine_box(canon_labels[box], image < threshold, steps, out[box])
+    threshold = lm.air_threshold(lm.block_mean(canon.array, lm.grid_factors(canon.spacing, WORK_MM))[0])
+    out = _refine_to_threshold(canon, to_canonical(labels)[0].array, threshold, band_mm)
     return from_canonical(out.astype(labels.array.dtype if labels.array.dtype.kind in "iu" else np.uint8),
                           orientation)
 
 
 def clean_up_model_labels(volume: Volume, labels: np.ndarray) -> np.ndarray:
     """A lung network's label map (``labels``, on ``volume``'s grid) cleaned with this method's steps: nothing
-    outside the body, each boundary on the scan's own air/tissue boundary (:func:`refine_to_air`; leave-one-scan-out
-    Dice against this method 0.92-0.93 without, 0.96-0.97 with, Testing/benchmarks/RESULTS.md). Returned unchanged
-    for an image that is not a CT in Hounsfield units."""
-    body = inside_body(volume)  # air outside the patient is never lung, however large
-    if body is None:
+    outside the body (:func:`inside_body`), each boundary on the scan's own air/tissue boundary within 3 mm
+    (:func:`refine_to_air`; leave-one-scan-out Dice against this method 0.92-0.93 without, 0.96-0.97 with,
+    Testing/benchmarks/RESULTS.md). Returned unchanged for an image that is not a CT in Hounsfield units."""
+    try:
+        check_ct(volume.array)
+    except Med3DError:
         return labels
-    refined = refine_to_air(volume.with_array(np.where(body, labels, 0).astype(labels.dtype)), volume).array
+    canon, orientation = to_canonical(volume)
+    body, threshold = _body_and_threshold(canon)  # one threshold serves both steps
+    inside = np.where(body, to_canonical(volume.with_array(labels))[0].array, 0)  # air outside is never lung
+    refined = _refine_to_threshold(canon, inside, threshold, 3.0)
     refined[~body] = 0  # the band reaches past the skin where a label touches it
-    return refined
+    return from_canonical(refined.astype(labels.dtype), orientation).array
+
+
+def _body_and_threshold(canon: Volume) -> Tuple[np.ndarray, float]:
+    """(inside-body mask on ``canon``'s grid, the scan's air threshold), both from the ~2 mm working grid."""
+    factors = lm.grid_factors(canon.spacing, WORK_MM)
+    coarse, _ = lm.block_mean(canon.array, factors)
+    threshold = lm.air_threshold(coarse)
+    return lm.upsample(~lm.outside_air(coarse < threshold), factors, canon.array.shape), threshold
+
+
+def _refine_to_threshold(canon: Volume, labels: np.ndarray, threshold: float, band_mm: float) -> np.ndarray:
+    """:func:`refine_to_air` on canonical arrays with the threshold given: uint8 labels on ``canon``'s grid."""
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    steps = max(1, int(round(band_mm / min(canon.spacing[:2]))))
+    # Only the labels' box: with a margin of the band plus two voxels, dilating, filtering and filling holes give
+    # what they give on the whole grid (nothing they touch reaches the box's border).
+    box = bounding_box(labels > 0, margin=(0, steps + 2, steps + 2))
+    if box is None:
+        return out
+    image = np.maximum(canon.array[box], lm.PADDING_FLOOR).astype(np.float32)
+    if min(canon.spacing[:2]) < 1.5:
+        image = ndimage.uniform_filter(image, size=(1, 3, 3))
+    _refine_box(labels[box], image < threshold, steps, out[box])
+    return out
 
 
 def _refine_box(labels: np.ndarray, air: np.ndarray, steps: int, out: np.ndarray) -> None:

@@ -137,10 +137,10 @@ def training_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
         raise Med3DError(f"amp '{amp}' unknown; choose {', '.join(AMP_MODES)}")
     if amp == "fp16" and device.type != "cuda":
         raise Med3DError("amp 'fp16' needs a CUDA device; on a CPU use bf16 (fast with AVX512_BF16 or AMX) or off")
-    if amp == "auto" and device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16_support() else None
-    if amp == "off" or (device.type != "cuda" and amp == "auto"):
+    if amp == "off":
         return None
+    if amp == "auto" and device.type != "cuda":
+        return torch.bfloat16 if device.type == "cpu" and cpu_bf16_support() else None
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
