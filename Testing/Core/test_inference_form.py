@@ -122,11 +122,29 @@ def test_training_mode_bn_is_left_alone():
     assert isinstance(net[1], nn.BatchNorm3d)
 
 
+ONEDNN_BF16 = fused_module._onednn_ops() and fused_module._probe_onednn(torch.bfloat16)
+
+
 @pytest.mark.skipif(not fused_module._onednn_ops(), reason="this torch build has no oneDNN fused operators")
 @pytest.mark.parametrize("dilation,shape", [(4, (8, 13, 13)), (4, (7, 9, 12)), (8, (9, 17, 20)), (6, (5, 6, 7))])
+def test_dilated_convolution_as_interleaved_sub_volumes(dilation, shape):
+    """The sub-volume form (used in bf16 for dilation >= 4) is the same convolution, zero padding included and odd
+    sizes padded: checked in float32, where it must agree to rounding, on every CPU."""
+    torch.manual_seed(0)
+    conv = FusedConv3d.from_conv(nn.Conv3d(8, 6, 3, padding=dilation, dilation=dilation), relu=True)
+    x = torch.randn(2, 8, *shape).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        plain = nn.functional.conv3d(x, conv.weight, conv.bias, 1, dilation, dilation).relu()
+        phased = conv._phased(x)
+    assert phased.shape == plain.shape and torch.allclose(phased, plain, atol=1e-5)
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="this CPU's oneDNN has no bf16 convolutions (needs AVX512BW/VL/DQ, "
+                                            "AVX-NE-CONVERT or AMX); the float32 test above covers the transform")
+@pytest.mark.parametrize("dilation,shape", [(4, (8, 13, 13)), (4, (7, 9, 12)), (8, (9, 17, 20)), (6, (5, 6, 7))])
 def test_bf16_dilated_convolution_as_interleaved_sub_volumes(dilation, shape):
-    """Dilation >= 4 in bf16 runs as dilation 2 on (d/2)^3 interleaved sub-volumes (odd sizes padded): the same
-    convolution, zero padding included, up to bf16 rounding."""
+    """In bf16, dilation >= 4 runs as dilation 2 on (d/2)^3 interleaved sub-volumes: the same convolution up to
+    bf16 rounding, with and without the fused residual."""
     torch.manual_seed(0)
     conv = FusedConv3d.from_conv(nn.Conv3d(8, 6, 3, padding=dilation, dilation=dilation), relu=True)
     conv.onednn = True
@@ -138,6 +156,7 @@ def test_bf16_dilated_convolution_as_interleaved_sub_volumes(dilation, shape):
         plain = nn.functional.conv3d(x.float(), w, b, 1, dilation, dilation)
         assert torch.allclose(conv(x).float(), plain.relu(), atol=0.03)
         assert torch.allclose(conv(x, residual=residual).float(), (plain + residual.float()).relu(), atol=0.05)
+
 
 
 @pytest.mark.skipif(not fused_module._onednn_ops(), reason="this torch build has no oneDNN fused operators")
