@@ -1,7 +1,7 @@
 """Each inference lever of the engine, measured on its own: paired ratio and output agreement, kept or dropped.
 
     python Testing/benchmarks/bench_inference_levers.py --model /work/models/lung_real.pt [--repeats 5]
-        [--threads 2] [--compile]
+        [--threads 2] [--compile] [--throughput-only]
 
 The model is the trained real-CT lung model (see Testing/benchmarks/bench_lungs.py's docstring for the command
 that makes /work/models/lung_real.pt; the script refuses to run without it). Input: chest_ct.nrrd preprocessed by
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes to compile)")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the network's GFLOP/s against this machine's conv3d peak")
     args = parser.parse_args()
     model = require_model(args.model)
 
@@ -138,6 +140,9 @@ def main() -> None:
         return sliding_window(predictors[kind], image, tile=tile, overlap=overlap, batch_size=batch, multiple=8,
                               pad_value=float(array.min()))
 
+    if args.throughput_only:
+        _throughput(torch, plain, predictors, whole, native, args.repeats)
+        return
     print("\n| lever | before s | after s | after / before | agreement | verdict |")
     print("|---|---|---|---|---|---|")
     reference = {}
@@ -201,7 +206,11 @@ def main() -> None:
               f"{'x'.join(map(str, array2.shape))}, {fast}", times["fixed"], times["auto"],
               f"labels equal on {float((old_out == new_out).mean()):.4%}", "kept"), flush=True)
 
-    # Throughput against the machine's conv3d peak.
+    _throughput(torch, plain, predictors, whole, native, args.repeats)
+
+def _throughput(torch: Any, plain: Any, predictors: Dict[str, Callable], whole, native: bool,
+                repeats: int) -> None:
+    """Network GFLOP/s on the whole-volume tile against this machine's conv3d peak, per precision."""
     print("\n| precision | network GFLOP (whole-volume tile) | forward s | achieved GFLOP/s | conv3d peak GFLOP/s | share |")
     print("|---|---|---|---|---|---|")
     shape = (1, 1) + tuple(whole)
@@ -209,8 +218,8 @@ def main() -> None:
     x = torch.randn(shape)
     for kind, dtype in [("fused", torch.float32)] + ([("bf16 fused", torch.bfloat16)] if native else []):
         with torch.inference_mode():
-            seconds = paired({kind: lambda: predictors[kind](x)}, args.repeats)[kind]
-        peak = conv_peak(torch, dtype, args.repeats)
+            seconds = paired({kind: lambda: predictors[kind](x)}, repeats)[kind]
+        peak = conv_peak(torch, dtype, repeats)
         achieved = flops / summary(seconds)[0] / 1e9
         print(f"| {kind} | {flops / 1e9:.1f} | {fmt(seconds)} | {achieved:.0f} | {peak:.0f} | {achieved / peak:.0%} |",
               flush=True)
