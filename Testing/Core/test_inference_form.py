@@ -158,7 +158,6 @@ def test_bf16_dilated_convolution_as_interleaved_sub_volumes(dilation, shape):
         assert torch.allclose(conv(x, residual=residual).float(), (plain + residual.float()).relu(), atol=0.05)
 
 
-
 @pytest.mark.skipif(not fused_module._onednn_ops(), reason="this torch build has no oneDNN fused operators")
 def test_bf16_single_channel_convolution_computes_in_float32():
     torch.manual_seed(0)

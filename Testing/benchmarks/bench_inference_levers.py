@@ -208,6 +208,7 @@ def main() -> None:
 
     _throughput(torch, plain, predictors, whole, native, args.repeats)
 
+
 def _throughput(torch: Any, plain: Any, predictors: Dict[str, Callable], whole, native: bool,
                 repeats: int) -> None:
     """Network GFLOP/s on the whole-volume tile against this machine's conv3d peak, per precision."""
