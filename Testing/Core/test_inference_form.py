@@ -123,10 +123,11 @@ def test_training_mode_bn_is_left_alone():
 
 
 ONEDNN_BF16 = fused_module._onednn_ops() and fused_module._probe_onednn(torch.bfloat16)
+DILATED = [(4, (8, 13, 13)), (4, (7, 9, 12)), (8, (9, 17, 20)), (6, (5, 6, 7))]  # odd sizes, dilation 4 to 8
 
 
 @pytest.mark.skipif(not fused_module._onednn_ops(), reason="this torch build has no oneDNN fused operators")
-@pytest.mark.parametrize("dilation,shape", [(4, (8, 13, 13)), (4, (7, 9, 12)), (8, (9, 17, 20)), (6, (5, 6, 7))])
+@pytest.mark.parametrize("dilation,shape", DILATED)
 def test_dilated_convolution_as_interleaved_sub_volumes(dilation, shape):
     """The sub-volume form (used in bf16 for dilation >= 4) is the same convolution, zero padding included and odd
     sizes padded: checked in float32, where it must agree to rounding, on every CPU."""
@@ -141,7 +142,7 @@ def test_dilated_convolution_as_interleaved_sub_volumes(dilation, shape):
 
 @pytest.mark.skipif(not ONEDNN_BF16, reason="this CPU's oneDNN has no bf16 convolutions (needs AVX512BW/VL/DQ, "
                                             "AVX-NE-CONVERT or AMX); the float32 test above covers the transform")
-@pytest.mark.parametrize("dilation,shape", [(4, (8, 13, 13)), (4, (7, 9, 12)), (8, (9, 17, 20)), (6, (5, 6, 7))])
+@pytest.mark.parametrize("dilation,shape", DILATED)
 def test_bf16_dilated_convolution_as_interleaved_sub_volumes(dilation, shape):
     """In bf16, dilation >= 4 runs as dilation 2 on (d/2)^3 interleaved sub-volumes: the same convolution up to
     bf16 rounding, with and without the fused residual."""

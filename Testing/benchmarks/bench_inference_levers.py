@@ -131,6 +131,8 @@ def main() -> None:
         raise ValueError(kind)
 
     kinds = ["contiguous", "channels-last", "folded", "fused"] + (["bf16 unfused", "bf16 fused"] if native else [])
+    if args.throughput_only:  # only the fused networks are timed
+        kinds = ["fused"] + (["bf16 fused"] if native else [])
     predictors = {k: predictor(k) for k in kinds}
     with torch.inference_mode():
         for p in predictors.values():
