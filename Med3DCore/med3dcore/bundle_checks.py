@@ -206,6 +206,10 @@ def check_bundle(obj: Mapping[str, Any], where: str) -> Optional[bool]:
         limits.number(extra["margin_mm"], f"{where}: the coarse stage's margin (mm)", 0.0, 1000.0)
     if "temperature" in extra:
         check_temperature(extra["temperature"], where)
+    if "measured_fusion" in extra:
+        from .nodule_measures import check_fusion
+
+        check_fusion(extra["measured_fusion"], where)
     # extra["nodule_input"] is bounded where it is used (NoduleInputSpec.from_dict), before any cube is made.
     for name, branch in _mapping(extra.get("branches") or {}, f"{where}: 'extra.branches'").items():
         limits.whole_number(_mapping(branch, f"{where}: branch '{name}'").get("num_classes"),

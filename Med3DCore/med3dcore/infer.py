@@ -58,9 +58,11 @@ class SegmentationResult:
 
 @dataclass
 class ClassificationResult:
-    """Class probabilities by name, the most probable class, the box the network was shown (LPS mm; given back as
-    an ROI it gives the same answer) and, when a mask marked the nodule, its measured size: equivalent-sphere
-    diameter (mm) and volume (mL) (see ``nodule_size.py``)."""
+    """Class probabilities by name, the most probable class, the box the network was shown (LPS mm; given back as an
+    ROI it gives the network's answer, ``image_probabilities``) and, when a mask marked the nodule, its measured
+    size: equivalent-sphere diameter (mm) and volume (mL) (see ``nodule_size.py``). ``basis`` says what the
+    probabilities come from: "image" (the network alone) or "image + mask measures" (see ``nodule_measures.py``);
+    ``image_probabilities`` are the network's alone either way (what the box shown, given back as an ROI, gives)."""
 
     probabilities: Dict[str, float]
     predicted: str
@@ -69,6 +71,8 @@ class ClassificationResult:
     warnings: List[str] = field(default_factory=list)
     diameter_mm: Optional[float] = None
     volume_ml: Optional[float] = None
+    basis: str = "image"
+    image_probabilities: Dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ bundles
@@ -341,7 +345,8 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
     Mark the nodule with ``roi`` = (centre, size), both LPS mm (size may be None: the whole cube is visible), or
     with ``mask`` (non-zero voxels on the image's grid), or neither when ``volume`` is itself a nodule crop.
     Returns the class probabilities by label name (calibrated by the bundle's temperature, see
-    :func:`probability_temperature`) and the box used.
+    :func:`probability_temperature`; with a mask and a bundle fine-tuned on masks, from the image and the mask's
+    measures, see :mod:`med3dcore.nodule_measures`) and the box used.
     """
     if not isinstance(volume, Volume):
         raise Med3DError(f"classify needs a Volume (see med3dcore.volume_files.read_volume), got "
@@ -377,7 +382,16 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
     if len(names) != len(probs):
         raise Med3DError(f"{_where(bundle)} lists {len(names)} labels but its network gives {len(probs)} classes; "
                          "the file is damaged")
+    image_probabilities = {names[value]: float(probs[i]) for i, value in enumerate(sorted(names))}
+    basis = "image"
+    if mask is not None and "measured_fusion" in bundle.extra and len(probs) == 2:
+        from .nodule_measures import check_fusion, fused_probability, measure_features
+
+        fusion = check_fusion(bundle.extra["measured_fusion"], _where(bundle))
+        p = float(fused_probability(fusion, measure_features(volume, mask)[None], logits[0, 1] - logits[0, 0])[0])
+        probs, basis = np.array([1.0 - p, p]), "image + mask measures"
     probabilities = {names[value]: float(probs[i]) for i, value in enumerate(sorted(names))}
     predicted = max(probabilities, key=probabilities.get)  # type: ignore[arg-type]
     return ClassificationResult(probabilities, predicted, box_centre, box_size, warnings,  # type: ignore[arg-type]
-                                diameter_mm=size.get("diameter_mm"), volume_ml=size.get("volume_ml"))
+                                diameter_mm=size.get("diameter_mm"), volume_ml=size.get("volume_ml"), basis=basis,
+                                image_probabilities=image_probabilities)

@@ -168,7 +168,7 @@ def segmentation_from_labels(labels: Any, labelInfo: Sequence[Mapping[str, Any]]
 # Result-event fields shown by their own rows (or not at all); any other number the engine reports (e.g. a
 # nodule's diameter and volume when a mask is given) gets a row of its own.
 _SHOWN_FIELDS = {"kind", "stage", "step", "total", "message", "metrics", "probabilities", "predicted",
-                 "roi_center_lps", "roi_size_mm", "warnings"}
+                 "roi_center_lps", "roi_size_mm", "warnings", "basis", "image_probabilities"}
 
 
 def _number(value: Any) -> bool:
@@ -183,10 +183,16 @@ def _title(key: str) -> str:
 
 
 def result_rows(result: Mapping[str, Any]) -> List[Tuple[str, str]]:
-    """(property, value) rows of a classification result event: class probabilities, the class, the box used
-    (centre in RAS, as Slicer shows positions), then every other numeric field of the event."""
+    """(property, value) rows of a classification result event: class probabilities, the class, what the
+    probabilities come from (and the image's own when a mask's measures took part), the box used (centre in RAS,
+    as Slicer shows positions), then every other numeric field of the event."""
     rows = [(f"P({name})", f"{float(p):.4f}") for name, p in dict(result.get("probabilities") or {}).items()]
     rows.append(("class", str(result.get("predicted", ""))))
+    if result.get("basis"):  # with a mask, the probability may also use the mask's measures (nodule_measures.py)
+        rows.append(("probability from", str(result["basis"])))
+        if result["basis"] != "image":
+            rows += [(f"P({name}), image alone", f"{float(p):.4f}")
+                     for name, p in dict(result.get("image_probabilities") or {}).items()]
     if result.get("roi_center_lps") is not None:
         center = geometry.LPS_TO_RAS @ np.asarray(result["roi_center_lps"], dtype=float)
         rows.append(("ROI centre RAS (mm)", ", ".join(f"{v:.1f}" for v in center)))
@@ -227,6 +233,8 @@ def show_table(tableNode: Any) -> None:
 
 
 def probabilities_text(result: Mapping[str, Any]) -> str:
+    """The panel's one line: each class's probability, the class, and whether a mask's measures took part."""
     probabilities: Dict[str, float] = {str(k): float(v) for k, v in dict(result.get("probabilities") or {}).items()}
     text = "  ".join(f"{name}: {p:.2f}" for name, p in probabilities.items())
-    return f"{text}  ->  {result.get('predicted', '')}"
+    measured = result.get("basis") not in (None, "image")  # the image alone is the usual case: not repeated
+    return f"{text}  ->  {result.get('predicted', '')}" + (f"  (from the {result['basis']})" if measured else "")

@@ -90,6 +90,7 @@ def test_metrics_and_intervals_on_real_nodules(capsys, real):
                      device="cpu")
     assert p[0] == pytest.approx(first.probabilities["malignant"], abs=1e-6)
     assert result["temperature"] == 0.05
+    assert result["probability_from"] == {"image": len(rows)}  # no measured-size model in this bundle
     assert 0.0 < p.min() < p.max() < 1.0 and len(set(np.round(p, 6))) > 1
     assert result["auc"] == pytest.approx(auc(p, y))
     assert result["accuracy"] == pytest.approx(accuracy((p >= 0.5).astype(int), y))

@@ -21,6 +21,7 @@ from med3dcore.finetune import (build_initialised_model, encoder_head_groups, fr
 from med3dcore.infer import classify
 from med3dcore.medicalnet import export_medicalnet
 from med3dcore.nodule_evaluation import patient_digest
+from med3dcore.nodule_measures import MEASURE_NAMES
 from med3dcore.nets import build_model
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table
 from med3dcore.phantoms import make_ct_phantom, make_nodule_crop
@@ -186,8 +187,17 @@ def test_classification_run_learns_phantom_nodules_and_writes_a_bundle(tmp_path)
     assert len(data["validation_patient_sha256"]) == 3
     validation = [c for c in cases if patient_digest(c.patient) in data["validation_patient_sha256"]]
     by_classify = [classify(read_volume(c.image), bundle, mask=read_volume(c.mask), device="cpu")
-                   .probabilities["malignant"] for c in validation]
-    assert by_classify == pytest.approx(result["probabilities"][:, 1].tolist(), abs=1e-5)
+                   for c in validation]
+    assert [r.image_probabilities["malignant"] for r in by_classify] == pytest.approx(
+        result["probabilities"][:, 1].tolist(), abs=1e-5)
+    # every case has a mask, so the measured-size model was fitted and classify --mask gives its probability
+    fusion = bundle.provenance["measured_fusion"]
+    assert bundle.extra["measured_fusion"]["features"] == list(MEASURE_NAMES)
+    assert {r.basis for r in by_classify} == {"image + mask measures"}
+    fused = np.array([r.probabilities["malignant"] for r in by_classify])
+    y = np.array([c.label for c in validation])
+    assert fusion["validation"]["brier"] == pytest.approx(float(np.mean((fused - y) ** 2)), abs=1e-5)
+    assert any(e.get("kind") == "message" and e["message"] == fusion["summary"] for e in events)
     summary = [e["message"] for e in events if e.get("kind") == "result"]
     assert len(summary) == 1 and f"temperature {calibration['temperature']:.3f}" in summary[0]
     assert f"Brier {calibration['before']['brier']:.3f} -> {calibration['after']['brier']:.3f}" in summary[0]

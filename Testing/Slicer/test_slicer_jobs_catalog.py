@@ -83,6 +83,17 @@ def test_result_rows_show_extra_numeric_fields() -> None:
         ("P(benign)", "0.2500"), ("P(malignant)", "0.7500"), ("class", "malignant"),
         ("ROI centre RAS (mm)", "-10.0, 20.0, 5.0"), ("ROI size (mm)", "6.0, 6.0, 8.0"),
         ("diameter (mm)", "7.25"), ("volume (mL)", "0.1996"), ("axes (mm)", "7.25, 6.5, 5")]
+    # with a mask's measures in the probability, the table says so and keeps the image's own answer beside it
+    event.update(basis="image + mask measures", image_probabilities={"benign": 0.5, "malignant": 0.5})
+    assert scene.result_rows(event)[3:6] == [
+        ("probability from", "image + mask measures"), ("P(benign), image alone", "0.5000"),
+        ("P(malignant), image alone", "0.5000")]
+    event.update(basis="image", image_probabilities={"benign": 0.25, "malignant": 0.75})
+    assert scene.result_rows(event)[3] == ("probability from", "image") and len(scene.result_rows(event)) == 9
+    assert scene.probabilities_text(event) == "benign: 0.25  malignant: 0.75  ->  malignant"
+    event.update(basis="image + mask measures")
+    assert scene.probabilities_text(event) == \
+        "benign: 0.25  malignant: 0.75  ->  malignant  (from the image + mask measures)"
 
 
 def test_engine_errors_become_their_own_one_line_message(tmp_path) -> None:

@@ -3,15 +3,18 @@ patient-grouped folds of the 823 LIDC crops in ../shared/data/nodules.
 
     python Testing/benchmarks/bench_nodule_table.py [--runs DIR ...] [--png reliability.png]
 
-Baselines (scikit-learn, the `bench` extra): a logistic regression on log(diameter_mm) (a ruler) and one on the seven
-numbers of nodule_stats.measured_features (image + mask), each fitted on four folds and scored on the fifth. Every
-CNN run folder given with --runs (bench_nodules_cv.py's OUT, one fold<k>.json per finished fold, all five needed)
-is scored on the same out-of-fold cases, and so is a logistic regression on the seven features plus the run's
-out-of-fold logit (does the CNN add to the measurements?). Each row: AUC, accuracy, sensitivity at 90 % specificity, Brier and ECE on
-the pooled out-of-fold probabilities, each with a 95 % interval from a bootstrap over patients; the mean over folds
-of AUC and accuracy (the issue's targets are means over folds); and the paired AUC difference against the
-measured-features baseline (the same patient resamples for both), and each later run's against the first run given
-(a lever against the defaults). --png draws the reliability diagram of every row.
+Baselines (scikit-learn, the `bench` extra): a logistic regression on log(diameter_mm) (a ruler), one on the seven
+numbers of nodule_stats.measured_features (image + mask) and one on the six numbers `classify --mask` measures
+(nodule_measures.measure_features, no network), each fitted on four folds and scored on the fifth. Every CNN run
+folder given with --runs (bench_nodules_cv.py's OUT, one fold<k>.json per finished fold, all five needed) is scored
+on the same out-of-fold cases (with the nodule's mask, as `classify --mask` gives them; runs whose bundles hold the
+measured-size model also get a row of the network alone, as with an ROI), and so is a logistic regression on the
+seven features plus the network's out-of-fold logit (does the CNN add to the measurements?). Each row: AUC, accuracy,
+sensitivity at 90 % specificity, Brier and ECE on the pooled out-of-fold probabilities, each with a 95 % interval
+from a bootstrap over patients; the mean over folds of AUC and accuracy (the issue's targets are means over folds);
+and the paired AUC difference against the measured-features baseline (the same patient resamples for both), and each
+later run's against the first run given (a lever against the defaults). --png draws the reliability diagram of
+every row.
 """
 from __future__ import annotations
 
@@ -21,12 +24,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from med3dcore.finetune import grouped_folds
 from med3dcore.metrics import reliability_bins
+from med3dcore.nodule_measures import measure_features
 from med3dcore.nodules import read_nodule_table
 from med3dcore.volume_files import read_volume
 
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nodule_stats import (FEATURE_NAMES, fmt, logistic_oof, measured_features, paired_auc_difference,  # noqa: E402
                           per_fold_mean, summarise)
 
+BASELINES = ("diameter LR", "measured-features LR", "product measures LR (no network)")
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
 
 
@@ -48,14 +53,19 @@ def feature_matrix(table: Path) -> np.ndarray:
                      for c, d in zip(cases, diameters)])
 
 
-def cnn_probabilities(folder: Path, folds: List[np.ndarray], labels: np.ndarray) -> np.ndarray:
-    """Out-of-fold malignant probabilities of a bench_nodules_cv.py run, checked against these folds."""
+def cnn_probabilities(folder: Path, folds: List[np.ndarray], labels: np.ndarray,
+                      key: str = "probabilities") -> Optional[np.ndarray]:
+    """Out-of-fold malignant probabilities of a bench_nodules_cv.py run, checked against these folds: ``key``
+    "probabilities" (what classify --mask gives) or "image_probabilities" (the network alone, as with an ROI;
+    None for runs made before the measured-size model)."""
     out = np.full(len(labels), np.nan)
     for k, test in enumerate(folds):
         record = json.loads((folder / f"fold{k}.json").read_text())
         if not np.array_equal(np.asarray(record["labels"]), labels[test]):
             raise SystemExit(f"{folder}: fold {k} was not run on these folds")
-        out[test] = record["probabilities"]
+        if key not in record:
+            return None
+        out[test] = record[key]
     return out
 
 
@@ -105,10 +115,17 @@ def main() -> int:
     folds = grouped_folds(patients, 5, strata=labels, seed=0)
     features = feature_matrix(table)
     rows = {"diameter LR": logistic_oof(features[:, :1], labels, folds),
-            "measured-features LR": logistic_oof(features, labels, folds)}
+            "measured-features LR": logistic_oof(features, labels, folds),
+            # what classify --mask measures (nodule_measures.py), with no network: does the CNN add anything?
+            "product measures LR (no network)": logistic_oof(
+                np.array([measure_features(read_volume(c.image), read_volume(c.mask)) for c in cases]), labels, folds)}
     for folder in args.runs:
         cnn = cnn_probabilities(folder, folds, labels)
         rows[folder.name] = cnn
+        alone = cnn_probabilities(folder, folds, labels, "image_probabilities")
+        if alone is not None and not np.allclose(alone, cnn):  # the run's bundles hold a measured-size model
+            rows[f"{folder.name} (image alone, as with an ROI)"] = alone
+            cnn = alone  # what the network adds to the measurements, below
         # Does the CNN add anything to the measurements? Its out-of-fold logit as an eighth feature (exploratory:
         # the CNN logits of the stacker's training folds come from models that saw its test fold).
         logit = np.log(np.clip(cnn, 1e-6, 1 - 1e-6) / np.clip(1 - cnn, 1e-6, 1))
@@ -125,7 +142,7 @@ def main() -> int:
         s = summarise(p, labels, patients, args.resamples)
         f = per_fold_mean(p, labels, folds)
         diff = "-" if p is reference else fmt(paired_auc_difference(p, reference, labels, patients, args.resamples))
-        versus = "-" if first is None or name in (first, "diameter LR", "measured-features LR") or "stacked" in name \
+        versus = "-" if first is None or name in (first, *BASELINES) or "stacked" in name \
             else fmt(paired_auc_difference(p, rows[first], labels, patients, args.resamples))
         print(f"| {name} | {fmt(s['AUC'])} | {fmt(s['accuracy'])} | {fmt(s['sensitivity at 90% specificity'])} "
               f"| {fmt(s['Brier score'])} | {fmt(s['ECE'])} | {f['AUC']:.3f} +- {f['AUC_sd']:.3f}, {f['accuracy']:.3f} +- "

@@ -6,11 +6,12 @@ from scratch vs from a pretrained encoder (the same folds for every run).
     python Testing/benchmarks/bench_nodule_table.py --runs /tmp/nodule_cv/scratch /tmp/nodule_cv/pretrained
 
 Without tuning flags each fold is exactly what `med3d finetune --task nodule` does by default (its settings, input
-cube and temperature scaling). Each fold trains on the other folds (with the inner patient-grouped validation
-split that picks the best checkpoint by AUC and fits the temperature) and is scored once on its held-out patients
-with the probabilities classify would give. Per-fold results go to OUT/fold<k>.json, so an interrupted run keeps
-the folds it finished; the prepared cubes are cached beside OUT. bench_nodule_table.py puts the runs next to the
-baselines, with confidence intervals.
+cube and temperature scaling). Each fold trains on the other folds (with the inner patient-grouped validation split
+that picks the best checkpoint by AUC and fits the temperature) and is scored once on its held-out patients with the
+probabilities classify would give: with the nodule's mask, so the measured-size model takes part (``probabilities``;
+nodule_measures.py), and from the image alone as with an ROI (``image_probabilities``). Per-fold results go to
+OUT/fold<k>.json, so an interrupted run keeps the folds it finished; the prepared cubes are cached beside OUT.
+bench_nodule_table.py puts the runs next to the baselines, with confidence intervals.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ import torch
 
 from med3dcore.bundles import load_bundle, model_from_bundle
 from med3dcore.classification_finetune import (ClassificationSettings, cached_cubes, classification_metrics,
-                                               finetune_classification, predict_probabilities)
+                                               finetune_classification, predict_logits, softmax_with_temperature)
 from med3dcore.finetune import grouped_folds
 from med3dcore.infer import probability_temperature
+from med3dcore.nodule_measures import fused_probability, measure_cases
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table
 from med3dcore.progress import make_reporter
 
@@ -94,11 +96,18 @@ def main() -> int:
                                             freeze=tuple(p for p in args.freeze.split(",") if p), amp=args.amp),
             reporter=reporter, overwrite=True)
         bundle = load_bundle(result["bundle"])
-        probs = predict_probabilities(model_from_bundle(bundle), cubes[test_idx],
-                                      temperature=probability_temperature(bundle))  # as classify gives them
+        logits = predict_logits(model_from_bundle(bundle), cubes[test_idx])
+        image_probs = softmax_with_temperature(logits, probability_temperature(bundle))  # classify --roi
+        probs = image_probs
+        if "measured_fusion" in bundle.extra:  # classify --mask: the image and the mask's measures
+            p = fused_probability(bundle.extra["measured_fusion"], measure_cases([cases[i] for i in test_idx]),
+                                  logits[:, 1] - logits[:, 0])
+            probs = np.column_stack([1 - p, p])
         test = classification_metrics(probs, labels[test_idx])
         record = {"init": args.init, "fold": k, "test": test, "validation": result["metrics"],
-                  "probabilities": probs[:, 1].tolist(), "labels": labels[test_idx].tolist(),
+                  "probabilities": probs[:, 1].tolist(), "image_probabilities": image_probs[:, 1].tolist(),
+                  "image_test": classification_metrics(image_probs, labels[test_idx]),
+                  "labels": labels[test_idx].tolist(),
                   "train_cases": int(len(train_idx)), "test_patients": len({cases[i].patient for i in test_idx}),
                   "steps": args.steps, "amp": args.amp, "input": spec.to_dict(), "seconds": time.time() - start}
         target.write_text(json.dumps(record))

@@ -62,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {p:.3f}")
     if result.diameter_mm is not None:
         print(f"nodule: {result.diameter_mm:.1f} mm equivalent-sphere diameter, {result.volume_ml:.3f} mL (from the mask)")
+    if result.basis != "image":  # the network's own answer too: what the box shown gives back as --roi
+        alone = ", ".join(f"{name} {p:.3f}" for name, p in result.image_probabilities.items())
+        print(f"probability from: {result.basis} (image alone: {alone})")
+    else:
+        print("probability from: image" + (" (this model has no measured-size part)" if args.mask else ""))
     centre, size = result.roi_center_lps, result.roi_size_mm
     print("box shown (LPS mm; give it back as --roi): --roi=" + ",".join(f"{v:.1f}" for v in (*centre, *size)))
     print(f"predicted: {result.predicted}")

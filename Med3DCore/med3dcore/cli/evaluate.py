@@ -132,7 +132,7 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
         p = result.probabilities[names[1]]
         scores.append(p)
         truth.append(case.label)
-        rows.append({"image": case.image, "label": names[case.label], "probability": p})
+        rows.append({"image": case.image, "label": names[case.label], "probability": p, "basis": result.basis})
         reporter(make_event("evaluate", n + 1, len(cases)))
     scored = score_with_intervals(scores, truth, [c.patient for c in cases])
     out: Dict[str, Any] = {"task": bundle.task, "cases": len(rows), "patients": scored["patients"]}
@@ -143,7 +143,10 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
     out["training_overlap"] = training_overlap([patient_id(c) for c in cases], bundle.provenance, str(args.model))
     warning = overlap_warning(out["training_overlap"])
     out["warnings"] = [warning] if warning else []
-    out["summary"] = format_scores(scored)
+    bases = {b: sum(r["basis"] == b for r in rows) for b in sorted({r["basis"] for r in rows})}
+    out["probability_from"] = bases
+    out["summary"] = format_scores(scored) + ["probabilities from: " + ", ".join(f"{b} ({n} cases)"
+                                                                              for b, n in bases.items())]
     out["per_case"] = rows
     return out
 

@@ -76,7 +76,6 @@ def _check_output(outputs: Any, path: Path, what: str, companions: Tuple[str, ..
 def run(args: argparse.Namespace) -> int:
     from ..classical_lung import LUNG_WINDOW
     from ..infer import choose_method, load_model, segment
-    from ..overlay import stage_overlay
     from ..preprocess import PreprocessSpec
     from ..safe_io import Outputs
     from ..volume_files import FILE_FORMATS, read_volume, stage_volume, volume_outputs
@@ -113,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     with outputs:
         written = stage_volume(outputs, result.labels, output)
         if args.overlay:
+            from ..overlay import stage_overlay  # scikit-image and PIL: imported only when a picture is asked for
+
             window = PreprocessSpec.from_dict(bundle.preprocessing).window if bundle else LUNG_WINDOW
             stage_overlay(outputs, image, result.labels, args.overlay, result.label_info, window)
     import numpy as np
