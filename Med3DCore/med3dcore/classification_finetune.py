@@ -197,9 +197,11 @@ def fit_measured_fusion(train_measures: Optional[np.ndarray], train_labels: np.n
                         val_measures, image_logits, val_labels)
     p = fused_probability(record, val_measures, image_logits)
     metrics = classification_metrics(np.column_stack([1 - p, p]), val_labels)
+    unused = "" if record["combine"]["weights"][1] > 0 else \
+        "; the network's logit got no weight: on this validation split it adds nothing to the measures"
     return {"record": record, "validation": metrics, "fitted_on": "stage 1 training + validation, stage 2 validation",
             "summary": f"measured-size model (classify --mask): validation AUC {metrics['auc']:.3f}, "
-                       f"Brier {metrics['brier']:.3f}, ECE {metrics['ece']:.3f} (stage 2 fitted there)"}
+                       f"Brier {metrics['brier']:.3f}, ECE {metrics['ece']:.3f} (stage 2 fitted there){unused}"}
 
 
 def recorded_patients(cases: Sequence[NoduleCase]) -> List[str]:

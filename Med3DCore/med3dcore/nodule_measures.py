@@ -8,8 +8,8 @@ as ``extra["measured_fusion"]``:
 1. on every labelled case (training and validation: six weights need no held-out cases), malignancy from the
    standardised :data:`MEASURE_NAMES` (:func:`measure_features`);
 2. on the validation cases (which the CNN never trained on), malignancy from two numbers: stage 1's logit and the
-   CNN's logit. This weighs the image against the measures and calibrates the result, as temperature scaling
-   does for the image alone.
+   CNN's logit, with weights kept non-negative (:func:`fit_nonnegative`). This weighs the image against the
+   measures and calibrates the result, as temperature scaling does for the image alone.
 
 ``classify`` with a mask then gives stage 2's probability; with an ROI only, the temperature-scaled CNN's. The
 measures depend only on the voxels inside the mask, never on the box around it, so a crop and a whole CT agree.
@@ -36,8 +36,8 @@ def measure_features(image: Volume, mask: Union[Volume, np.ndarray]) -> np.ndarr
 
     Diameter is the equivalent-sphere one (:func:`med3dcore.nodule_size.measure_nodule`); the HU numbers are of the
     voxels inside the mask (above 200 HU: calcification; below -400 HU: ground glass); sphericity is the area of the
-    sphere of the mask's volume over the mask's voxel-face area (1 for a ball, less for lobulated or flat shapes;
-    faces overstate a smooth surface, so read it as a relative number).
+    sphere of the mask's volume over the mask's voxel-face area: lower for lobulated or flat shapes, but faces
+    overstate a smooth surface (a voxelised ball scores about 2/3, not 1), so read it as a relative number.
     """
     size = measure_nodule(image, mask)  # checks the grid and that the mask is not empty
     inside = np.asarray(mask.array if isinstance(mask, Volume) else mask) != 0
@@ -93,7 +93,26 @@ def fit_fusion(stage1_measures: np.ndarray, stage1_labels: Sequence[int], val_me
     is the CNN's malignant-minus-benign logit. Returns the record stored as ``extra["measured_fusion"]``."""
     measures = fit_logistic(stage1_measures, stage1_labels)
     stage2 = np.column_stack([logistic_logit(measures, val_measures), np.asarray(val_image_logits, np.float64)])
-    return {"features": list(MEASURE_NAMES), "measures": measures, "combine": fit_logistic(stage2, val_labels)}
+    return {"features": list(MEASURE_NAMES), "measures": measures, "combine": fit_nonnegative(stage2, val_labels)}
+
+
+def fit_nonnegative(x: np.ndarray, y: Sequence[int]) -> Dict[str, Any]:
+    """:func:`fit_logistic` with no negative weight (non-negative stacking): both inputs are logits for
+    malignancy, so one that would vote against it once the other is known carries noise or collinearity, not
+    signal. The most negative input is dropped (weight 0) and the rest refitted, until none is negative."""
+    x = np.asarray(x, dtype=np.float64)
+    keep = list(range(x.shape[1]))
+    while True:
+        model = fit_logistic(x[:, keep], y)
+        if not keep or min(model["weights"]) >= 0:
+            break
+        keep.pop(int(np.argmin(model["weights"])))
+    full = {"mean": [0.0] * x.shape[1], "scale": [1.0] * x.shape[1], "weights": [0.0] * x.shape[1],
+            "bias": model["bias"]}
+    for column, k in enumerate(keep):
+        for key in ("mean", "scale", "weights"):
+            full[key][k] = model[key][column]
+    return full
 
 
 def fused_probability(record: Mapping[str, Any], measures: np.ndarray, image_logits: np.ndarray) -> np.ndarray:

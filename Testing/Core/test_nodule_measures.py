@@ -14,8 +14,8 @@ from med3dcore.cli import main
 from med3dcore.errors import Med3DError
 from med3dcore.infer import classify
 from med3dcore.nets import build_model
-from med3dcore.nodule_measures import (MEASURE_NAMES, check_fusion, fit_fusion, fit_logistic, fused_probability,
-                                       logistic_logit, measure_features, sigmoid)
+from med3dcore.nodule_measures import (MEASURE_NAMES, check_fusion, fit_fusion, fit_logistic, fit_nonnegative,
+                                       fused_probability, logistic_logit, measure_features, sigmoid)
 from med3dcore.nodules import nodule_box
 from med3dcore.volume import Volume
 from med3dcore.volume_files import write_volume
@@ -108,11 +108,30 @@ def test_fusion_weighs_the_informative_input():
     record = fit_fusion(train, train_y, val, noise, val_y)
     assert record["features"] == list(MEASURE_NAMES)
     w_measures, w_image = record["combine"]["weights"]
-    assert w_measures > 5 * abs(w_image)
+    assert w_measures > 5 * w_image >= 0
     p = fused_probability(record, val, noise)
     assert p.shape == (300,) and np.all((p > 0) & (p < 1))
     assert np.mean((p > 0.5) == val_y) > 0.7
     check_fusion(record, "x.pt")  # what fine-tuning writes passes the bundle checks
+
+
+def test_an_image_logit_that_votes_against_malignancy_gets_no_weight():
+    """Non-negative stacking: given the measures, a logit that falls as malignancy rises is dropped (weight 0) and
+    the measures' logit refitted alone; a plain fit would have given it a negative weight."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    measures_logit = 2.0 * y - 1.0 + rng.normal(size=400)
+    image_logit = -0.8 * y + rng.normal(size=400)
+    x = np.column_stack([measures_logit, image_logit])
+    assert fit_logistic(x, y)["weights"][1] < 0
+    model = fit_nonnegative(x, y)
+    alone = fit_logistic(x[:, :1], y)
+    assert model["weights"] == [pytest.approx(alone["weights"][0]), 0.0]
+    assert model["bias"] == pytest.approx(alone["bias"])
+    np.testing.assert_allclose(logistic_logit(model, x), logistic_logit(alone, x[:, :1]), atol=1e-12)
+    # no input left: the base rate
+    empty = fit_nonnegative(-x[:, :1], y)
+    assert empty["weights"] == [0.0] and sigmoid(empty["bias"]) == pytest.approx(y.mean(), abs=1e-6)
 
 
 def _fusion_bundle(path, fusion):
