@@ -84,6 +84,7 @@ def logistic_logit(model: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function; logits are clipped so that extreme ones cannot overflow."""
     return 1.0 / (1.0 + np.exp(-np.clip(z, -500.0, 500.0)))
 
 
