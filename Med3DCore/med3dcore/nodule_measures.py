@@ -20,6 +20,7 @@ import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from scipy.special import expit
 
 from . import limits
 from .errors import Med3DError
@@ -66,7 +67,7 @@ def fit_logistic(x: np.ndarray, y: Sequence[int], ridge: float = RIDGE, iteratio
     penalty = np.diag([0.0] + [ridge] * x.shape[1])  # the bias is not penalised
     beta = np.zeros(design.shape[1])
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-design @ beta))
+        p = expit(design @ beta)
         gradient = design.T @ (p - y) + penalty @ beta
         hessian = (design * (p * (1 - p))[:, None]).T @ design + penalty
         step = np.linalg.solve(hessian + 1e-9 * np.eye(len(beta)), gradient)
@@ -81,11 +82,6 @@ def logistic_logit(model: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
     x = np.atleast_2d(np.asarray(x, dtype=np.float64))
     z = (x - np.asarray(model["mean"])) / np.asarray(model["scale"])
     return z @ np.asarray(model["weights"]) + float(model["bias"])
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """The logistic function; logits are clipped so that extreme ones cannot overflow."""
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -500.0, 500.0)))
 
 
 def fit_fusion(stage1_measures: np.ndarray, stage1_labels: Sequence[int], val_measures: np.ndarray,
@@ -120,7 +116,7 @@ def fused_probability(record: Mapping[str, Any], measures: np.ndarray, image_log
     """Malignant probability of each case from its measures (rows) and the CNN's malignant-minus-benign logit."""
     stage2 = np.column_stack([logistic_logit(record["measures"], measures),
                               np.atleast_1d(np.asarray(image_logits, np.float64))])
-    return sigmoid(logistic_logit(record["combine"], stage2))
+    return expit(logistic_logit(record["combine"], stage2))
 
 
 def _numbers(value: Any, count: int, what: str, low: float, high: float) -> None:

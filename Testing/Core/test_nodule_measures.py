@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import expit as sigmoid
 
 from med3dcore.bundles import load_bundle, save_bundle
 from med3dcore.cli import main
@@ -15,7 +16,7 @@ from med3dcore.errors import Med3DError
 from med3dcore.infer import classify
 from med3dcore.nets import build_model
 from med3dcore.nodule_measures import (MEASURE_NAMES, check_fusion, fit_fusion, fit_logistic, fit_nonnegative,
-                                       fused_probability, logistic_logit, measure_features, sigmoid)
+                                       fused_probability, logistic_logit, measure_features)
 from med3dcore.nodules import nodule_box
 from med3dcore.volume import Volume
 from med3dcore.volume_files import write_volume

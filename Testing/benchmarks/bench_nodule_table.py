@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -42,15 +42,19 @@ BASELINES = ("diameter LR", "measured-features LR", "product measures LR (no net
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
 
 
-def feature_matrix(table: Path) -> np.ndarray:
-    """The seven measured features of every row of the nodule table, in its order."""
+def feature_matrices(table: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """The seven measured features and the six `classify --mask` measures of every row of the nodule table, in its
+    order (each crop read once)."""
     import csv
 
     with open(table, newline="") as handle:
         diameters = [float(row["diameter_mm"]) for row in csv.DictReader(handle)]
-    cases = read_nodule_table(str(table))
-    return np.array([measured_features(read_volume(c.image), read_volume(c.mask), d)
-                     for c, d in zip(cases, diameters)])
+    seven, six = [], []
+    for case, diameter in zip(read_nodule_table(str(table)), diameters):
+        image, mask = read_volume(case.image), read_volume(case.mask)
+        seven.append(measured_features(image, mask, diameter))
+        six.append(measure_features(image, mask))
+    return np.array(seven), np.array(six)
 
 
 def cnn_probabilities(folder: Path, folds: List[np.ndarray], labels: np.ndarray,
@@ -113,12 +117,11 @@ def main() -> int:
     labels = np.array([c.label for c in cases])
     patients = [c.patient for c in cases]
     folds = grouped_folds(patients, 5, strata=labels, seed=0)
-    features = feature_matrix(table)
+    features, product_measures = feature_matrices(table)
     rows = {"diameter LR": logistic_oof(features[:, :1], labels, folds),
             "measured-features LR": logistic_oof(features, labels, folds),
             # what classify --mask measures (nodule_measures.py), with no network: does the CNN add anything?
-            "product measures LR (no network)": logistic_oof(
-                np.array([measure_features(read_volume(c.image), read_volume(c.mask)) for c in cases]), labels, folds)}
+            "product measures LR (no network)": logistic_oof(product_measures, labels, folds)}
     for folder in args.runs:
         cnn = cnn_probabilities(folder, folds, labels)
         rows[folder.name] = cnn
