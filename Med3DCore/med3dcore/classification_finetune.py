@@ -22,7 +22,7 @@ from .finetune import (build_initialised_model, encoder_head_groups, freeze_enco
                        learning_rates, run_bundle_path, start_fresh)
 from .metrics import accuracy, auc, brier, expected_calibration_error, fit_temperature
 from .nodule_measures import fit_fusion, fused_probability, measure_cases
-from .nodules import CLASS_NAMES, NoduleCase, NoduleInputSpec, prepare_nodule
+from .nodules import CLASS_NAMES, NoduleCase, NoduleInputSpec, prepare_nodule, trained_context
 from .progress import Reporter, make_event, null_reporter
 from .safe_io import os_reason
 from .training_data import save_npy_atomically, source_stamp
@@ -287,7 +287,8 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     """Fine-tune a benign/malignant nodule classifier and write ``out_dir/<name>.pt`` (a classification bundle).
 
     Without ``val_cases`` a patient-grouped split of ``cases`` (``settings.val_fraction``) is used. ``cubes`` /
-    ``val_cubes`` may hold already prepared inputs (cross-validation prepares every case once). After the best
+    ``val_cubes`` may hold already prepared inputs (cross-validation prepares every case once, with a spec it has
+    passed through :func:`~med3dcore.nodules.trained_context`; otherwise that is done here). After the best
     checkpoint is chosen, temperature scaling is fitted on the validation logits (:func:`calibrate`) and stored
     in the bundle (``extra["temperature"]``; its record, Brier and ECE before and after, in the provenance), as
     are the training patients' ids (so ``med3d evaluate`` can say when it is shown them again). Returns a dict with
@@ -298,14 +299,19 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     from .training_setup import TrainConfig, seed_everything
 
     settings = settings or ClassificationSettings()
-    spec = spec or NoduleInputSpec()
+    spec = before = spec or NoduleInputSpec()
     reporter = reporter or null_reporter
     out_dir = Path(out_dir)
     bundle_path = run_bundle_path(out_dir, name, overwrite, resume)
     labels = np.array([c.label for c in cases], dtype=np.int64)
     cache = Path(settings.cache_dir) if settings.cache_dir else out_dir / name / "cache"
     to_store = []  # written to the cache only once every input has been checked (below)
-    if cubes is None:
+    if cubes is None:  # prepared cubes come with the spec they were prepared with; else match the crops' context
+        spec = trained_context([*cases, *(val_cases or [])], spec)
+        if spec is not before:
+            reporter(make_event("finetune", kind="message", message=(
+                "context shown around each mask: x, y, z = " + ", ".join(f"{v:g}" for v in spec.context_mm)
+                + " mm, as the training crops show it (classify shows a nodule in a whole CT the same way)")))
         cubes = load_cached_cubes(cases, spec, cache)
         if cubes is None:
             cubes = prepare_cases(cases, spec, reporter)

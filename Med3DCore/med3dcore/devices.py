@@ -1,6 +1,7 @@
 """Device selection: ``auto`` picks CUDA, then Apple MPS, then CPU."""
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Optional, Set
 
 from .errors import Med3DError
@@ -106,6 +107,26 @@ def cpu_bf16_support() -> Optional[str]:
     return "AMX" if amx else "AVX512_BF16" if avx else None
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_gradients_ok() -> bool:
+    """Whether this CPU's bf16 convolutions give right weight gradients where oneDNN has been seen to get them
+    wrong: a 3x3x3 convolution over a feature map two voxels deep. On an AMD Zen 5 CPU (AVX512_BF16, no AMX) with
+    torch 2.13 those gradients are unrelated to float32's (relative error about 1, sometimes 1e35 or NaN, and
+    different on every call: uninitialised memory), while forward passes and input gradients are right; deep
+    layers on small training patches reach such maps. Checked once per process against float32 (a few ms)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 2, 8, 8, generator=generator)
+    weight = (torch.randn(32, 32, 3, 3, 3, generator=generator) * 0.05).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = torch.nn.functional.conv3d(x, weight, padding=1)
+    (low_grad,) = torch.autograd.grad(low.float().square().mean(), weight)
+    (ref_grad,) = torch.autograd.grad(torch.nn.functional.conv3d(x, weight, padding=1).square().mean(), weight)
+    error = float((low_grad - ref_grad).abs().max() / ref_grad.abs().max())
+    return bool(error < 0.05)  # bf16 rounding gives about 0.01; NaN compares False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision inference runs in on ``device``: ``auto`` is ``amp`` (float16 autocast) on CUDA, ``bf16`` on
     a CPU with native bfloat16 (:func:`cpu_bf16_support`), ``fp32`` elsewhere (CPUs without it, Apple MPS).
@@ -128,9 +149,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def training_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of a training step (``TrainConfig.amp``): ``auto`` is bf16 on CUDA where supported, else
     float16; bf16 on a CPU with native bfloat16 (:func:`cpu_bf16_support`: segmentation steps 1.9x faster, the same
-    leave-one-out lung Dice and cross-validated nodule AUC as float32, Testing/benchmarks/RESULTS.md); float32 on
-    other CPUs (emulated bf16 is slower there). ``bf16`` on any device; ``fp16`` only on CUDA (PyTorch's
-    reference kernels on a CPU take minutes per step); ``off`` none."""
+    leave-one-out lung Dice and cross-validated nodule AUC as float32, Testing/benchmarks/RESULTS.md) whose bf16
+    weight gradients pass :func:`cpu_bf16_gradients_ok`; float32 on other CPUs (emulated bf16 is slower there).
+    ``bf16`` on any device, as asked; ``fp16`` only on CUDA (PyTorch's reference kernels on a CPU take minutes per
+    step); ``off`` none."""
     import torch
 
     if amp not in AMP_MODES:
@@ -140,7 +162,8 @@ def training_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "off":
         return None
     if amp == "auto" and device.type != "cuda":
-        return torch.bfloat16 if device.type == "cpu" and cpu_bf16_support() else None
+        native = device.type == "cpu" and cpu_bf16_support() and cpu_bf16_gradients_ok()
+        return torch.bfloat16 if native else None
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16

@@ -5,7 +5,9 @@ an ROI or a mask. :func:`prepare_nodule` handles all of these the same way: it s
 at ``spacing_mm`` on a grid aligned with the LPS axes (array order (K, J, I) = (S, P, L)), so reorientation,
 isotropic resampling and the pad/crop happen in one trilinear interpolation. Only the *visible box*
 (:func:`nodule_box`) is shown and the cube is centred on it: the ROI box, or the mask's bounding box plus
-``context_mm``, always within the scan; everything else reads as air. That keeps a tight training crop and the same nodule in a whole CT looking alike.
+``context_mm``, always within the scan; everything else reads as air. That keeps a tight training crop and the same
+nodule in a whole CT looking alike, provided the context is no wider than the crops had: fine-tuning measures it
+per axis (:func:`trained_context`; the LIDC crops carry none along z).
 Intensities are clipped to the CT ``window`` (HU) and scaled to [-1, 1].
 
 :func:`read_nodule_table` reads a classification CSV (image, optional mask or ROI, label, optional patient id).
@@ -36,11 +38,14 @@ class NoduleInputSpec:
     cube: int = 32                               # voxels per side
     spacing_mm: float = 1.0                      # isotropic output spacing
     window: Tuple[float, float] = (-1000.0, 400.0)  # HU clipped to this range, then scaled to [-1, 1]
-    context_mm: float = 8.0                      # margin around a mask's bounding box that stays visible
+    # Margin around a mask's bounding box that stays visible: one number for every side, or (x, y, z) LPS mm.
+    context_mm: Union[float, Tuple[float, float, float]] = 8.0
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
         out["window"] = [float(v) for v in self.window]
+        if not isinstance(self.context_mm, (int, float)):
+            out["context_mm"] = [float(v) for v in self.context_mm]
         return out
 
     @classmethod
@@ -53,7 +58,13 @@ class NoduleInputSpec:
         # Bounded here (limits.py): a stranger's bundle must not ask for a 4096^3 cube or a 0.001 mm grid.
         spec.cube = limits.whole_number(spec.cube, "the nodule input cube", 8, limits.MAX_CUBE)
         spec.spacing_mm = limits.number(spec.spacing_mm, "the nodule input spacing (mm)", *limits.SPACING_RANGE_MM)
-        spec.context_mm = limits.number(spec.context_mm, "the nodule context margin (mm)", 0.0, 1000.0)
+        context = spec.context_mm
+        if isinstance(context, (list, tuple)) and len(context) == 3:
+            spec.context_mm = tuple(limits.number(v, "the nodule context margin (mm)", 0.0, 1000.0) for v in context)
+        elif isinstance(context, (list, tuple)):
+            raise Med3DError(f"the nodule context margin must be one number or three (x, y, z mm), got {context!r}")
+        else:
+            spec.context_mm = limits.number(context, "the nodule context margin (mm)", 0.0, 1000.0)
         window = spec.window
         if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
             raise Med3DError(f"the nodule input window must be two numbers (low, high HU), got {window!r}")
@@ -98,9 +109,9 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 def mask_box(image: Volume, mask: Union[Volume, np.ndarray],
-             context_mm: float = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+             context_mm: Union[float, Sequence[float]] = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroid, low corner, high corner) in LPS mm of a mask's non-zero voxels (voxel edges included), the box
-    grown by ``context_mm``; the mask must lie on the image's grid."""
+    grown by ``context_mm`` (one number, or x, y, z); the mask must lie on the image's grid."""
     if isinstance(mask, np.ndarray):
         if mask.shape != image.array.shape:
             raise Med3DError(f"the mask's shape {mask.shape} differs from the image's {image.array.shape}; "
@@ -117,7 +128,7 @@ def mask_box(image: Volume, mask: Union[Volume, np.ndarray],
     if len(kji) == 0:
         raise Med3DError("the mask has no voxels (all zero); draw the nodule in the mask or give an ROI instead")
     world = _index_to_world(image, kji[:, ::-1].astype(float))
-    half = _half_voxel_extent(image) + float(context_mm)
+    half = _half_voxel_extent(image) + np.asarray(context_mm, dtype=float)
     return world.mean(axis=0), world.min(axis=0) - half, world.max(axis=0) + half
 
 
@@ -275,3 +286,31 @@ def parse_roi(text: str) -> Tuple[float, ...]:
     if len(values) != 6 or not all(np.isfinite(values)) or min(values[3:]) <= 0:
         raise Med3DError(f"ROI {text!r} must be six numbers CX,CY,CZ,SX,SY,SZ: centre and positive size in LPS mm")
     return values
+
+
+def trained_context(cases: Sequence[NoduleCase], spec: NoduleInputSpec) -> NoduleInputSpec:
+    """``spec`` with its context narrowed, axis by axis, to what the training crops show around their masks.
+
+    A crop cut tight to its nodule shows no context beyond its edges (LIDC crops: about 10 mm in-plane and none
+    along z), so a network trained on it has never seen the context that ``context_mm`` would show around the same
+    nodule in a whole CT, and answers differently there. Per LPS axis the median over ``cases`` of the narrower of
+    the two margins between the mask's box and the image's edge caps ``context_mm``. Crops with room on every axis,
+    a spec whose context is already per axis, or cases without masks (an ROI is shown as drawn) leave ``spec``
+    as it is.
+    """
+    from .volume_files import read_volume
+
+    if not isinstance(spec.context_mm, (int, float)) or not cases or any(c.mask is None for c in cases):
+        return spec
+    margins = []
+    for case in cases:
+        mask = read_volume(case.mask)
+        try:
+            _, low, high = mask_box(mask, np.asarray(mask.array))
+        except Med3DError as exc:
+            raise Med3DError(f"{case.mask}: {exc}") from None
+        low_scan, high_scan = scan_box(mask)
+        margins.append(np.minimum(low - low_scan, high_scan - high))
+    median = np.floor(np.median(np.maximum(margins, 0.0), axis=0) * 10.0) / 10.0  # 0.1 mm steps, never wider
+    context = tuple(float(min(spec.context_mm, m)) for m in median)
+    return spec if min(context) >= spec.context_mm else dataclasses.replace(spec, context_mm=context)

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from .checkpoint_files import atomic_save, safe_load
-from .devices import describe_device, training_autocast
+from .devices import cpu_bf16_support, describe_device, training_autocast
 from .distributed import average_grads_and_loss, broadcast_model, distributed_context, running_stats, training_device
 from .errors import Med3DError
 from .progress import Reporter, make_event, null_reporter
@@ -284,6 +284,9 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
                             (f" with {rates_note}" if rates_note else "") +
                             f" on {describe_device(device)}" +
                             (f", {str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype is not None else "") +
+                            (", float32: this CPU's bf16 convolution gradients failed med3d's check (see "
+                             "devices.cpu_bf16_gradients_ok)" if amp_dtype is None and config.amp == "auto"
+                             and device.type == "cpu" and cpu_bf16_support() else "") +
                             (f", {ctx.world_size} processes" if ctx.world_size > 1 else "")))
     per_rank = config.batch_size // ctx.world_size
     if per_rank * ctx.world_size != config.batch_size:

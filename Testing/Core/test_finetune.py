@@ -167,6 +167,10 @@ def test_classification_run_learns_phantom_nodules_and_writes_a_bundle(tmp_path)
     assert bundle.task == {"type": "classification", "name": "nodule"}
     assert [l["name"] for l in bundle.labels] == ["benign", "malignant"]
     assert bundle.extra["nodule_input"]["cube"] == 16
+    # the phantom crops leave 4-6 mm around their nodules: the context shown is narrowed to that, per axis, kept in
+    # the bundle (classify below reproduces the validation probabilities only if it shows the same context)
+    assert bundle.extra["nodule_input"]["context_mm"] == [4.0, 5.0, 6.0]
+    assert any(e.get("kind") == "message" and "x, y, z = 4, 5, 6 mm" in e["message"] for e in events)
     assert bundle.provenance["init"] == "scratch"
     assert bundle.provenance["data"]["validation_patients"] == 3
     assert set(bundle.provenance["metrics"]) == {"accuracy", "auc", "loss", "brier", "ece"}

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from med3dcore.errors import Med3DError
-from med3dcore.nodules import (NoduleInputSpec, nodule_box, label_from_row, parse_roi, prepare_nodule, read_nodule_table,
-                               scan_box)
+from med3dcore.nodules import (NoduleCase, NoduleInputSpec, nodule_box, label_from_row, mask_box, parse_roi,
+                               prepare_nodule, read_nodule_table, scan_box, trained_context)
+from med3dcore.volume_files import write_volume
 from med3dcore.volume import Volume
 from med3dcore.volume_files import read_volume
 
@@ -119,6 +120,60 @@ def test_the_box_shown_given_back_as_an_roi_shows_the_same_input(data_dir):
         assert np.array_equal(first, again)
 
 
+def _place_crop(ct: Volume, crop: Volume, crop_mask: Volume) -> np.ndarray:
+    """The crop's mask on the whole CT's grid (the LIDC crops are cut from it on the same voxel grid)."""
+    first = np.round(ct.lps_to_ijk(np.asarray(crop.origin, float)[None])[0]).astype(int)[::-1]
+    stop = first + np.array(crop.shape)
+    assert np.array_equal(np.asarray(ct.array)[first[0]:stop[0], first[1]:stop[1], first[2]:stop[2]], crop.array)
+    full = np.zeros(ct.shape, np.uint8)
+    full[first[0]:stop[0], first[1]:stop[1], first[2]:stop[2]] = np.asarray(crop_mask.array) > 0
+    return full
+
+
+def test_a_crop_and_its_whole_ct_show_the_network_the_same_cube(data_dir):
+    """LIDC-IDRI-1011's three nodule crops are cut from chest_ct_lidc1011 (voxel for voxel). With the context the
+    crops were measured to carry (trained_context: 8 mm in-plane, none along z) the cube from crop + mask equals
+    the cube from the whole CT + the same mask, up to the outermost half slice (the crop's edge is clamped where
+    the CT continues); with 8 mm along z too, the whole CT shows slices no crop has."""
+    table = read_nodule_table(str(data_dir / "nodules/labels.csv"))
+    spec = trained_context(table, NoduleInputSpec())
+    assert spec.context_mm == (8.0, 8.0, 0.0)
+    ct = read_volume(data_dir / "ct/chest_ct_lidc1011.nii.gz")
+    for n in (1, 2, 3):
+        crop = read_volume(data_dir / f"nodules/image/LIDC-IDRI-1011_R_{n}.nii.gz")
+        crop_mask = read_volume(data_dir / f"nodules/mask/LIDC-IDRI-1011_R_{n}.nii.gz")
+        full = _place_crop(ct, crop, crop_mask)
+        matched = np.abs(prepare_nodule(crop, mask=crop_mask, params=spec) - prepare_nodule(ct, mask=full, params=spec))
+        wider = np.abs(prepare_nodule(crop, mask=crop_mask) - prepare_nodule(ct, mask=full))  # 8 mm on every side
+        assert matched.mean() < 0.005 and np.count_nonzero(matched > 1e-5) <= 2 * 32 * 32  # two edge planes at most
+        assert wider.mean() > 0.04 and np.count_nonzero(wider > 1e-5) > 10000
+
+
+def test_trained_context_follows_the_crops(tmp_path):
+    """Per axis, the median over cases of the narrower margin between mask box and crop edge caps the context."""
+    cases = []
+    for n, pad_z in enumerate((0, 1, 0)):  # margins along z: 0, 2.5, 0 mm -> median 0
+        array = np.full((4 + 2 * pad_z, 30, 26), -1000, np.int16)  # 1 mm in-plane: x margin 10 or 8 mm, y 10
+        mask = np.zeros(array.shape, np.uint8)
+        mask[pad_z:pad_z + 4, 10:20, 8 + 2 * (n == 0):18] = 1
+        image_path, mask_path = tmp_path / f"i{n}.nii.gz", tmp_path / f"m{n}.nii.gz"
+        write_volume(Volume(array, (1.0, 1.0, 2.5), (0.0, 0.0, 0.0), np.eye(3)), str(image_path))
+        write_volume(Volume(mask, (1.0, 1.0, 2.5), (0.0, 0.0, 0.0), np.eye(3)), str(mask_path))
+        cases.append(NoduleCase(image=str(image_path), label=n % 2, mask=str(mask_path)))
+    assert trained_context(cases, NoduleInputSpec()).context_mm == (8.0, 8.0, 0.0)
+    assert trained_context(cases, NoduleInputSpec(context_mm=5.0)).context_mm == (5.0, 5.0, 0.0)
+    per_axis = NoduleInputSpec(context_mm=(3.0, 4.0, 5.0))
+    assert trained_context(cases, per_axis) is per_axis  # already per axis: as given
+    roi_case = NoduleCase(image=cases[0].image, label=0, roi=(10.0, 15.0, 5.0, 20.0, 20.0, 10.0))
+    assert trained_context(cases + [roi_case], NoduleInputSpec()).context_mm == 8.0  # an ROI is shown as drawn
+    volume = read_volume(cases[1].image)
+    _, low, high = mask_box(volume, read_volume(cases[1].mask), (8.0, 8.0, 0.0))
+    assert np.allclose(high - low, [10 + 16, 10 + 16, 10.0])
+    write_volume(volume.with_array(np.zeros(volume.shape, np.uint8)), cases[2].mask, overwrite=True)
+    with pytest.raises(Med3DError, match=r"m2\.nii\.gz: the mask has no voxels"):
+        trained_context(cases, NoduleInputSpec())
+
+
 def test_roi_outside_the_scan_is_a_clear_error(data_dir):
     ct = read_volume(data_dir / "ct/chest_ct.nrrd")
     low, high = scan_box(ct)
@@ -150,6 +205,13 @@ def test_spec_round_trip_and_validation():
         NoduleInputSpec.from_dict({"cubes": 3})
     with pytest.raises(Med3DError, match="cube must be"):
         NoduleInputSpec.from_dict({"cube": 4})
+    per_axis = NoduleInputSpec(context_mm=(8.0, 8.0, 0.0))
+    assert per_axis.to_dict()["context_mm"] == [8.0, 8.0, 0.0]
+    assert NoduleInputSpec.from_dict(per_axis.to_dict()) == per_axis
+    with pytest.raises(Med3DError, match="one number or three"):
+        NoduleInputSpec.from_dict({"context_mm": [8.0, 8.0]})
+    with pytest.raises(Med3DError, match="context margin"):
+        NoduleInputSpec.from_dict({"context_mm": [8.0, -1.0, 0.0]})
 
 
 def test_real_label_table(data_dir):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from med3dcore.checkpoint_files import safe_load
-from med3dcore.devices import cpu_bf16_support
+from med3dcore import devices
+from med3dcore.devices import cpu_bf16_gradients_ok, cpu_bf16_support
 from med3dcore.errors import Med3DError
 from med3dcore.train import split_batch, train
 from med3dcore.training_setup import (TrainConfig, ce_dice_loss, lr_factor, make_adam, param_groups, seed_everything,
@@ -337,8 +338,8 @@ def test_segmentation_networks_train_channels_last_on_cpu(tmp_path):
 def test_bf16_autocast_on_a_cpu(tmp_path, amp, expected):
     """amp bf16 trains a CPU step under bf16 autocast (the convolution's output is bf16; the weights and the
     optimiser stay float32); auto does so only on a CPU with native bfloat16; off keeps float32."""
-    if expected == "native":
-        expected = torch.bfloat16 if cpu_bf16_support() else None
+    if expected == "native":  # and its bf16 weight gradients pass the check (devices.cpu_bf16_gradients_ok)
+        expected = torch.bfloat16 if cpu_bf16_support() and cpu_bf16_gradients_ok() else None
     seen = []
 
     def loss(model, batch):
@@ -354,8 +355,31 @@ def test_bf16_autocast_on_a_cpu(tmp_path, amp, expected):
     assert seen == [expected or torch.float32] * 3
     start = next(e["message"] for e in events if e.get("message", "").startswith("starting"))
     assert ("bfloat16 autocast" in start) == (expected is not None), start
+    assert ("gradients failed med3d's check" in start) == (amp == "auto" and expected is None
+                                                          and cpu_bf16_support() is not None), start
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(math.isfinite(r["loss"]) for r in result.history)
+
+
+@pytest.mark.parametrize("native, gradients_ok, auto", [("AMX", True, torch.bfloat16), ("AVX512_BF16", True, torch.bfloat16),
+                                                         ("AVX512_BF16", False, None), (None, True, None)])
+def test_auto_trains_in_bf16_only_where_its_gradients_are_right(monkeypatch, native, gradients_ok, auto):
+    """auto: bf16 on a CPU with native bfloat16 whose bf16 convolution weight gradients pass the check (an AMD Zen 5
+    CPU with torch 2.13 fails it: oneDNN's weight gradients over two-voxel-deep maps are garbage there); an
+    explicit bf16 is used as asked."""
+    monkeypatch.setattr(devices, "cpu_bf16_support", lambda: native)
+    monkeypatch.setattr(devices, "cpu_bf16_gradients_ok", lambda: gradients_ok)
+    cpu = torch.device("cpu")
+    assert devices.training_autocast("auto", cpu) == auto
+    assert devices.training_autocast("bf16", cpu) == torch.bfloat16
+    assert devices.training_autocast("off", cpu) is None
+
+
+def test_the_bf16_gradient_check_is_a_stable_answer():
+    devices.cpu_bf16_gradients_ok.cache_clear()
+    first = devices.cpu_bf16_gradients_ok()
+    devices.cpu_bf16_gradients_ok.cache_clear()
+    assert isinstance(first, bool) and devices.cpu_bf16_gradients_ok() == first
 
 
 def test_fp16_on_a_cpu_is_refused_in_one_line(tmp_path):

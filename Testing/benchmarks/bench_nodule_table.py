@@ -13,8 +13,8 @@ seven features plus the network's out-of-fold logit (does the CNN add to the mea
 sensitivity at 90 % specificity, Brier and ECE on the pooled out-of-fold probabilities, each with a 95 % interval
 from a bootstrap over patients; the mean over folds of AUC and accuracy (the issue's targets are means over folds);
 and the paired AUC difference against the measured-features baseline (the same patient resamples for both), and each
-later run's against the first run given (a lever against the defaults). --png draws the reliability diagram of
-every row.
+later run's against the first run given (a lever against the defaults; image-alone rows against the first run's
+image-alone row). --png draws the reliability diagram of every row.
 """
 from __future__ import annotations
 
@@ -145,8 +145,10 @@ def main() -> int:
         s = summarise(p, labels, patients, args.resamples)
         f = per_fold_mean(p, labels, folds)
         diff = "-" if p is reference else fmt(paired_auc_difference(p, reference, labels, patients, args.resamples))
-        versus = "-" if first is None or name in (first, *BASELINES) or "stacked" in name \
-            else fmt(paired_auc_difference(p, rows[first], labels, patients, args.resamples))
+        alone = " (image alone, as with an ROI)"
+        peer = f"{first}{alone}" if name.endswith(alone) else first  # an image-alone row against its like
+        versus = "-" if first is None or name in (first, f"{first}{alone}", *BASELINES) or "stacked" in name \
+            else fmt(paired_auc_difference(p, rows[peer], labels, patients, args.resamples))
         print(f"| {name} | {fmt(s['AUC'])} | {fmt(s['accuracy'])} | {fmt(s['sensitivity at 90% specificity'])} "
               f"| {fmt(s['Brier score'])} | {fmt(s['ECE'])} | {f['AUC']:.3f} +- {f['AUC_sd']:.3f}, {f['accuracy']:.3f} +- "
               f"{f['accuracy_sd']:.3f} | {diff} | {versus} |")

@@ -31,7 +31,7 @@ from med3dcore.classification_finetune import (ClassificationSettings, cached_cu
 from med3dcore.finetune import grouped_folds
 from med3dcore.infer import probability_temperature
 from med3dcore.nodule_measures import fused_probability, measure_cases
-from med3dcore.nodules import NoduleInputSpec, read_nodule_table
+from med3dcore.nodules import NoduleInputSpec, read_nodule_table, trained_context
 from med3dcore.progress import make_reporter
 
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
@@ -76,7 +76,9 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     cases = read_nodule_table(str(DATA / "nodules" / "labels.csv"))
-    spec = NoduleInputSpec(cube=args.cube, spacing_mm=args.cube_spacing)
+    # The context the crops show around their masks, as finetune measures it (a property of how the crops were
+    # cut, not of their labels, so measuring it on every case leaks nothing between folds).
+    spec = trained_context(cases, NoduleInputSpec(cube=args.cube, spacing_mm=args.cube_spacing))
     cubes = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"))
     labels = np.array([c.label for c in cases])
     folds = grouped_folds([c.patient for c in cases], args.folds, strata=labels, seed=0)

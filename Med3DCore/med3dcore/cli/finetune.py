@@ -96,7 +96,8 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
     train.add_argument("--amp", default="auto", choices=AMP_MODES,
                        help="mixed precision of the training steps: auto (CUDA: bf16 or fp16; a CPU: bf16 where it "
-                            "is native, AVX512_BF16 or AMX, else off), off, bf16 (any device), fp16 (CUDA only)")
+                            "is native, AVX512_BF16 or AMX, and its gradients pass a check, else off), off, bf16 (any "
+                            "device), fp16 (CUDA only)")
     out = p.add_argument_group("output")
     out.add_argument("--out", required=True, help="output folder (the bundle NAME.pt and the run folder NAME/)")
     out.add_argument("--name", default=None, help="model name (default: the task)")
