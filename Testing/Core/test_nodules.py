@@ -8,9 +8,8 @@ import pytest
 from med3dcore.errors import Med3DError
 from med3dcore.nodules import (NoduleCase, NoduleInputSpec, nodule_box, label_from_row, mask_box, parse_roi,
                                prepare_nodule, read_nodule_table, scan_box, trained_context)
-from med3dcore.volume_files import write_volume
 from med3dcore.volume import Volume
-from med3dcore.volume_files import read_volume
+from med3dcore.volume_files import read_volume, write_volume
 
 SPEC = NoduleInputSpec(cube=32, spacing_mm=1.0, window=(-1000.0, 400.0), context_mm=8.0)
 

@@ -361,7 +361,8 @@ def test_bf16_autocast_on_a_cpu(tmp_path, amp, expected):
     assert all(math.isfinite(r["loss"]) for r in result.history)
 
 
-@pytest.mark.parametrize("native, gradients_ok, auto", [("AMX", True, torch.bfloat16), ("AVX512_BF16", True, torch.bfloat16),
+@pytest.mark.parametrize("native, gradients_ok, auto", [("AMX", True, torch.bfloat16),
+                                                         ("AVX512_BF16", True, torch.bfloat16),
                                                          ("AVX512_BF16", False, None), (None, True, None)])
 def test_auto_trains_in_bf16_only_where_its_gradients_are_right(monkeypatch, native, gradients_ok, auto):
     """auto: bf16 on a CPU with native bfloat16 whose bf16 convolution weight gradients pass the check (an AMD Zen 5
