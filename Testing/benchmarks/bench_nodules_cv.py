@@ -64,6 +64,8 @@ def main() -> int:
     # Defaults: those of `med3d finetune --task nodule` (ClassificationSettings, NoduleInputSpec).
     parser.add_argument("--steps", type=int, default=ClassificationSettings.steps)
     parser.add_argument("--batch-size", type=int, default=ClassificationSettings.batch_size)
+    parser.add_argument("--lr", type=float, help="encoder learning rate (default: the recipe's, by --init)")
+    parser.add_argument("--head-lr", type=float, help="new layers' learning rate (default: the recipe's)")
     parser.add_argument("--freeze", default="")
     parser.add_argument("--cube", type=int, default=NoduleInputSpec.cube, help="cube size in voxels")
     parser.add_argument("--cube-spacing", type=float, default=NoduleInputSpec.spacing_mm, help="cube spacing in mm")
@@ -94,8 +96,9 @@ def main() -> int:
         start = time.time()
         result = finetune_classification(
             [cases[i] for i in train_idx], args.out, f"fold{k}", init=args.init, spec=spec, cubes=cubes[train_idx],
-            settings=ClassificationSettings(steps=args.steps, batch_size=args.batch_size,
-                                            freeze=tuple(p for p in args.freeze.split(",") if p), amp=args.amp),
+            settings=ClassificationSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                            head_lr=args.head_lr, amp=args.amp,
+                                            freeze=tuple(p for p in args.freeze.split(",") if p)),
             reporter=reporter, overwrite=True)
         bundle = load_bundle(result["bundle"])
         logits = predict_logits(model_from_bundle(bundle), cubes[test_idx])
@@ -111,7 +114,8 @@ def main() -> int:
                   "image_test": classification_metrics(image_probs, labels[test_idx]),
                   "labels": labels[test_idx].tolist(),
                   "train_cases": int(len(train_idx)), "test_patients": len({cases[i].patient for i in test_idx}),
-                  "steps": args.steps, "amp": args.amp, "input": spec.to_dict(), "seconds": time.time() - start}
+                  "steps": args.steps, "amp": args.amp, "lr": args.lr, "head_lr": args.head_lr,
+                  "input": spec.to_dict(), "seconds": time.time() - start}
         target.write_text(json.dumps(record))
         print(f"fold {k}: test accuracy {test['accuracy']:.3f} AUC {test['auc']:.3f} "
               f"({record['seconds']:.0f} s)", file=sys.stderr)
