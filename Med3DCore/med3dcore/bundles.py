@@ -236,6 +236,8 @@ def _describe(obj: Any, path: Path) -> Dict[str, Any]:
         info["med3dcore"] = bundle.provenance.get("med3dcore")
         info["checksum"] = "verified" if CHECKSUM_KEY in obj else "none (saved before checksums)"
         info["provenance"] = {k: v for k, v in bundle.provenance.items() if k not in ("created", "med3dcore")}
+        if "nodule_input" in bundle.extra:  # how the classifier sees a nodule: users draw their ROIs after it
+            info["nodule_input"] = bundle.extra["nodule_input"]
     return info
 
 

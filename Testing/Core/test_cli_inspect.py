@@ -41,6 +41,26 @@ def test_inspect_bundle_text(files, capsys):
     assert "labels:      1=liver, 2=tumour" in out
 
 
+@pytest.mark.parametrize("nodule_input, line", [
+    ({"cube": 32, "spacing_mm": 1.0, "window": [-1000.0, 400.0], "context_mm": [8.0, 8.0, 0.0]},
+     "nodule input: 32^3 voxels at 1 mm, -1000..400 HU; context around a mask x, y, z = 8, 8, 0 mm (draw an ROI "
+     "with this margin around the nodule)"),
+    ({"cube": 24, "spacing_mm": 1.25}, "nodule input: 24^3 voxels at 1.25 mm, -1000..400 HU; context around a mask "
+                                       "x, y, z = 8, 8, 8 mm"),  # a bundle from before per-axis context
+    ({"cube": 32, "context_mm": [8.0, 8.0]}, "nodule input: damaged (the nodule context margin must be one number or "
+                                             "three (x, y, z mm), got [8.0, 8.0])")])
+def test_inspect_shows_how_a_classifier_sees_a_nodule(tmp_path, capsys, nodule_input, line):
+    """The context a nodule classifier shows around a mask is the margin to draw an ROI with; a stranger's damaged
+    record is said to be damaged, not a traceback."""
+    arch = {"backbone": {"depth": 10, "shortcut_type": "B"}, "head": {"type": "classifier", "num_classes": 2}}
+    save_bundle(tmp_path / "nodule.pt", build_model(arch), architecture=arch,
+                task={"type": "classification", "name": "nodule"},
+                labels=[{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}], preprocessing=None,
+                provenance={}, extra={"nodule_input": nodule_input})
+    assert main(["inspect", str(tmp_path / "nodule.pt")]) == 0
+    assert line in capsys.readouterr().out
+
+
 def test_inspect_medicalnet_and_bare_files_text(files, capsys):
     assert main(["inspect", str(files / "resnet_10.pth")]) == 0
     out = capsys.readouterr().out

@@ -49,6 +49,8 @@ def format_info(info: Dict[str, Any]) -> str:
         lines.append(f"created:     {info.get('created') or '?'} by med3dcore {info.get('med3dcore') or '?'}")
         lines.append(f"checksum:    {info.get('checksum') or '?'}")
         lines += _provenance_lines(info.get("provenance") or {})
+        if "nodule_input" in info:
+            lines.append(f"nodule input: {_nodule_input(info['nodule_input'])}")
     elif info["format"] == "training-checkpoint":
         which = "best validation so far (best.pt)" if info.get("best") else "latest (last.pt)"
         lines.append(f"step:        {info.get('step')} of {info.get('total_steps') or '?'}, {which}")
@@ -57,6 +59,23 @@ def format_info(info: Dict[str, Any]) -> str:
     else:
         lines.append(f"use:         a backbone, not a model ready for inference: med3d finetune --init {info['path']}")
     return "\n".join(printable(line) for line in lines)  # the file's strings must not drive the terminal
+
+
+def _nodule_input(params: Any) -> str:
+    """A classifier's cube and the context it shows around a mask, which is the margin to draw an ROI with."""
+    from ..errors import Med3DError
+    from ..nodules import NoduleInputSpec
+
+    try:
+        if not isinstance(params, dict):
+            raise Med3DError(f"a mapping was expected, got {type(params).__name__}")
+        spec = NoduleInputSpec.from_dict(params)
+    except Med3DError as exc:
+        return f"damaged ({exc})"
+    context = spec.context_mm if isinstance(spec.context_mm, tuple) else (spec.context_mm,) * 3
+    low, high = spec.window
+    return (f"{spec.cube}^3 voxels at {spec.spacing_mm:g} mm, {low:g}..{high:g} HU; context around a mask x, y, z = "
+            + ", ".join(f"{v:g}" for v in context) + " mm (draw an ROI with this margin around the nodule)")
 
 
 def _metrics(metrics: Any) -> str:
