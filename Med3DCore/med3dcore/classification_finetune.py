@@ -310,8 +310,8 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
         spec = trained_context([*cases, *(val_cases or [])], spec)
         if spec is not before:
             reporter(make_event("finetune", kind="message", message=(
-                "context shown around each mask: x, y, z = " + ", ".join(f"{v:g}" for v in spec.context_mm)
-                + " mm, as the training crops show it (classify shows a nodule in a whole CT the same way)")))
+                f"context shown around each mask: {spec.context_text()}, as the training crops show it (classify "
+                "shows a nodule in a whole CT the same way)")))
         cubes = load_cached_cubes(cases, spec, cache)
         if cubes is None:
             cubes = prepare_cases(cases, spec, reporter)

@@ -48,6 +48,11 @@ class NoduleInputSpec:
             out["context_mm"] = [float(v) for v in self.context_mm]
         return out
 
+    def context_text(self) -> str:
+        """The context around a mask per axis, for people: ``x, y, z = 8, 8, 0 mm``."""
+        context = self.context_mm if isinstance(self.context_mm, tuple) else (self.context_mm,) * 3
+        return "x, y, z = " + ", ".join(f"{float(v):g}" for v in context) + " mm"
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "NoduleInputSpec":
         known = {f.name for f in dataclasses.fields(cls)}

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nodule_stats import (FEATURE_NAMES, fmt, logistic_oof, measured_features, paired_auc_difference,  # noqa: E402
                           per_fold_mean, summarise)
 
+ALONE = " (image alone, as with an ROI)"  # the suffix of a run's network-alone row
 BASELINES = ("diameter LR", "measured-features LR", "product measures LR (no network)")
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
 
@@ -127,7 +128,7 @@ def main() -> int:
         rows[folder.name] = cnn
         alone = cnn_probabilities(folder, folds, labels, "image_probabilities")
         if alone is not None and not np.allclose(alone, cnn):  # the run's bundles hold a measured-size model
-            rows[f"{folder.name} (image alone, as with an ROI)"] = alone
+            rows[f"{folder.name}{ALONE}"] = alone
             cnn = alone  # what the network adds to the measurements, below
         # Does the CNN add anything to the measurements? Its out-of-fold logit as an eighth feature (exploratory:
         # the CNN logits of the stacker's training folds come from models that saw its test fold).
@@ -145,9 +146,9 @@ def main() -> int:
         s = summarise(p, labels, patients, args.resamples)
         f = per_fold_mean(p, labels, folds)
         diff = "-" if p is reference else fmt(paired_auc_difference(p, reference, labels, patients, args.resamples))
-        alone = " (image alone, as with an ROI)"
-        peer = f"{first}{alone}" if name.endswith(alone) else first  # an image-alone row against its like
-        versus = "-" if first is None or name in (first, f"{first}{alone}", *BASELINES) or "stacked" in name \
+        # an image-alone row against the first run's image-alone row, when that run has one
+        peer = f"{first}{ALONE}" if name.endswith(ALONE) and f"{first}{ALONE}" in rows else first
+        versus = "-" if first is None or name in (first, f"{first}{ALONE}", *BASELINES) or "stacked" in name \
             else fmt(paired_auc_difference(p, rows[peer], labels, patients, args.resamples))
         print(f"| {name} | {fmt(s['AUC'])} | {fmt(s['accuracy'])} | {fmt(s['sensitivity at 90% specificity'])} "
               f"| {fmt(s['Brier score'])} | {fmt(s['ECE'])} | {f['AUC']:.3f} +- {f['AUC_sd']:.3f}, {f['accuracy']:.3f} +- "

@@ -72,10 +72,9 @@ def _nodule_input(params: Any) -> str:
         spec = NoduleInputSpec.from_dict(params)
     except Med3DError as exc:
         return f"damaged ({exc})"
-    context = spec.context_mm if isinstance(spec.context_mm, tuple) else (spec.context_mm,) * 3
     low, high = spec.window
-    return (f"{spec.cube}^3 voxels at {spec.spacing_mm:g} mm, {low:g}..{high:g} HU; context around a mask x, y, z = "
-            + ", ".join(f"{v:g}" for v in context) + " mm (draw an ROI with this margin around the nodule)")
+    return (f"{spec.cube}^3 voxels at {spec.spacing_mm:g} mm, {low:g}..{high:g} HU; context around a mask "
+            f"{spec.context_text()} (draw an ROI with this margin around the nodule)")
 
 
 def _metrics(metrics: Any) -> str:
