@@ -22,7 +22,8 @@ from .finetune import (build_initialised_model, encoder_head_groups, freeze_enco
                        learning_rates, run_bundle_path, start_fresh)
 from .metrics import accuracy, auc, brier, expected_calibration_error, fit_temperature
 from .nodule_measures import fit_fusion, fused_probability, measure_cases
-from .nodules import CLASS_NAMES, NoduleCase, NoduleInputSpec, prepare_nodule, trained_context
+from .nodule_mask_loss import attach_mask_head, detach_mask_head, mask_classification_loss
+from .nodules import CLASS_NAMES, NoduleCase, NoduleInputSpec, prepare_nodule, prepare_nodule_mask, trained_context
 from .progress import Reporter, make_event, null_reporter
 from .safe_io import os_reason
 from .training_data import save_npy_atomically, source_stamp
@@ -45,6 +46,7 @@ class ClassificationSettings:
     schedule: str = "poly"
     weight_decay: float = 1e-4
     amp: str = "auto"                     # mixed precision of the training steps (train.TrainConfig.amp)
+    mask_weight: float = 0.0              # auxiliary nodule-mask loss (nodule_mask_loss.py); needs every mask
     cache_dir: Optional[str] = None       # prepared cubes; default <out>/<name>/cache
 
     def to_dict(self) -> Dict[str, Any]:
@@ -72,8 +74,8 @@ class CubeSampler:
     run draws exactly the batches an uninterrupted one would (no hidden state to save)."""
 
     def __init__(self, cubes: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
-                 augment: bool = True) -> None:
-        self.cubes, self.labels = cubes, labels
+                 augment: bool = True, masks: Optional[np.ndarray] = None) -> None:
+        self.cubes, self.labels, self.masks = cubes, labels, masks
         self.batch_size, self.seed, self.augment = int(batch_size), int(seed), bool(augment)
 
     def indices(self, step: int) -> np.ndarray:
@@ -88,9 +90,15 @@ class CubeSampler:
     def next_batch(self, step: int) -> Dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, 1_000_003, step))
         chosen = self.indices(step)
-        cubes = [augment_cube(self.cubes[i], rng) if self.augment else self.cubes[i] for i in chosen]
-        return {"image": torch.from_numpy(np.stack(cubes)),
-                "label": torch.from_numpy(self.labels[chosen].astype(np.int64))}
+        # A mask travels as a second channel, so that it is flipped and shifted with its image.
+        cubes = [self.cubes[i] if self.masks is None else np.concatenate([self.cubes[i], self.masks[i]])
+                 for i in chosen]
+        stacked = np.stack([augment_cube(c, rng) if self.augment else c for c in cubes])
+        batch = {"image": torch.from_numpy(np.ascontiguousarray(stacked[:, :1])),
+                 "label": torch.from_numpy(self.labels[chosen].astype(np.int64))}
+        if self.masks is not None:
+            batch["mask"] = torch.from_numpy(np.ascontiguousarray(stacked[:, 1:]))
+        return batch
 
     def state_dict(self) -> Dict[str, Any]:
         return {"seed": self.seed, "n": int(len(self.labels)), "batch_size": self.batch_size}
@@ -213,13 +221,17 @@ def recorded_patients(cases: Sequence[NoduleCase]) -> List[str]:
 
 
 def prepare_cases(cases: Sequence[NoduleCase], spec: NoduleInputSpec,
-                  reporter: Optional[Reporter] = None) -> np.ndarray:
-    """Prepared cubes (N, 1, D, H, W) of a classification table's cases (mask, ROI or whole crop each)."""
+                  reporter: Optional[Reporter] = None, kind: str = "image") -> np.ndarray:
+    """Prepared cubes (N, 1, D, H, W) of a classification table's cases (mask, ROI or whole crop each); with
+    ``kind="mask"`` their masks on the same cubes (:func:`~med3dcore.nodules.prepare_nodule_mask`; every case
+    needs a mask)."""
     reporter = reporter or null_reporter
     cubes = np.zeros((len(cases), 1, spec.cube, spec.cube, spec.cube), np.float32)
     for n, case in enumerate(cases):
         image = read_volume(case.image)
-        if case.mask:
+        if kind == "mask":
+            cubes[n] = prepare_nodule_mask(image, read_volume(case.mask), spec)
+        elif case.mask:
             cubes[n] = prepare_nodule(image, mask=read_volume(case.mask), params=spec)
         elif case.roi:
             cubes[n] = prepare_nodule(image, center_lps=case.roi[:3], size_mm=case.roi[3:], params=spec)
@@ -232,20 +244,21 @@ def prepare_cases(cases: Sequence[NoduleCase], spec: NoduleInputSpec,
 CUBE_CACHE_VERSION = 1
 
 
-def cube_cache_path(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path) -> Path:
-    """Where the prepared cubes of these cases live in ``cache_dir``: keyed by every source file (path, size,
-    mtime), mask, ROI and the input spec, so any change prepares them afresh."""
-    payload = {"version": CUBE_CACHE_VERSION, "spec": spec.to_dict(),
+def cube_cache_path(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path, kind: str = "image") -> Path:
+    """Where the prepared cubes (or mask cubes) of these cases live in ``cache_dir``: keyed by every source file
+    (path, size, mtime), mask, ROI and the input spec, so any change prepares them afresh."""
+    payload = {"version": CUBE_CACHE_VERSION, "spec": spec.to_dict(), **({"kind": kind} if kind != "image" else {}),
                "cases": [[source_stamp(Path(c.image)), source_stamp(Path(c.mask)) if c.mask else None,
                           list(c.roi) if c.roi else None] for c in cases]}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
     return Path(cache_dir) / f"nodule_cubes-{key}.npy"
 
 
-def load_cached_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path) -> Optional[np.ndarray]:
+def load_cached_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path,
+                      kind: str = "image") -> Optional[np.ndarray]:
     """The cubes :func:`store_cubes` kept for exactly these cases and spec, else None (also for a damaged entry,
     which is then prepared and stored again). Writes nothing."""
-    path = cube_cache_path(cases, spec, cache_dir)
+    path = cube_cache_path(cases, spec, cache_dir, kind)
     if not path.is_file():
         return None
     try:
@@ -256,23 +269,24 @@ def load_cached_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_
         else None
 
 
-def store_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path, cubes: np.ndarray) -> None:
+def store_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path, cubes: np.ndarray,
+                kind: str = "image") -> None:
     """Keep prepared cubes for the next run on the same table (through the one write path)."""
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Med3DError(f"cannot create the cube cache folder {cache_dir}: {os_reason(exc)}") from None
-    save_npy_atomically(cube_cache_path(cases, spec, cache_dir), cubes)
+    save_npy_atomically(cube_cache_path(cases, spec, cache_dir, kind), cubes)
 
 
 def cached_cubes(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache_dir: Path,
-                 reporter: Optional[Reporter] = None) -> np.ndarray:
-    """:func:`prepare_cases` once per table and spec: later runs load the cubes from the cache (the 823 LIDC cubes
-    take ~10 s to prepare, a third of a short run)."""
-    cubes = load_cached_cubes(cases, spec, cache_dir)
+                 reporter: Optional[Reporter] = None, kind: str = "image") -> np.ndarray:
+    """:func:`prepare_cases` once per table, spec and kind: later runs load the cubes from the cache (the 823 LIDC
+    cubes take ~10 s to prepare, a third of a short run)."""
+    cubes = load_cached_cubes(cases, spec, cache_dir, kind)
     if cubes is None:
-        cubes = prepare_cases(cases, spec, reporter)
-        store_cubes(cases, spec, cache_dir, cubes)
+        cubes = prepare_cases(cases, spec, reporter, kind)
+        store_cubes(cases, spec, cache_dir, cubes, kind)
     return cubes
 
 
@@ -282,13 +296,14 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
                             settings: Optional[ClassificationSettings] = None,
                             val_cases: Optional[Sequence[NoduleCase]] = None,
                             cubes: Optional[np.ndarray] = None, val_cubes: Optional[np.ndarray] = None,
-                            reporter: Optional[Reporter] = None, resume: bool = False,
+                            mask_cubes: Optional[np.ndarray] = None, reporter: Optional[Reporter] = None, resume: bool = False,
                             overwrite: bool = False) -> Dict[str, Any]:
     """Fine-tune a benign/malignant nodule classifier and write ``out_dir/<name>.pt`` (a classification bundle).
 
     Without ``val_cases`` a patient-grouped split of ``cases`` (``settings.val_fraction``) is used. ``cubes`` /
     ``val_cubes`` may hold already prepared inputs (cross-validation prepares every case once, with a spec it has
-    passed through :func:`~med3dcore.nodules.trained_context`; otherwise that is done here). After the best
+    passed through :func:`~med3dcore.nodules.trained_context`; otherwise that is done here), ``mask_cubes`` their
+    masks for the auxiliary mask loss (``settings.mask_weight``; prepared here when not given). After the best
     checkpoint is chosen, temperature scaling is fitted on the validation logits (:func:`calibrate`) and stored
     in the bundle (``extra["temperature"]``; its record, Brier and ECE before and after, in the provenance), as
     are the training patients' ids (so ``med3d evaluate`` can say when it is shown them again). Returns a dict with
@@ -315,11 +330,21 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
         cubes = load_cached_cubes(cases, spec, cache)
         if cubes is None:
             cubes = prepare_cases(cases, spec, reporter)
-            to_store.append((cases, cubes))
+            to_store.append((cases, cubes, "image"))
+    use_masks = settings.mask_weight > 0 and all(c.mask for c in cases)
+    if settings.mask_weight > 0 and not use_masks:
+        reporter(make_event("finetune", kind="message", message=(
+            "no auxiliary mask loss: it needs a mask for every training case; training on the labels alone")))
+    if use_masks and mask_cubes is None:
+        mask_cubes = load_cached_cubes(cases, spec, cache, "mask")
+        if mask_cubes is None:
+            mask_cubes = prepare_cases(cases, spec, reporter, "mask")
+            to_store.append((cases, mask_cubes, "mask"))
     if val_cases is None:
         train_idx, val_idx = grouped_split([c.patient for c in cases], settings.val_fraction, labels, settings.seed)
         val_labels, val_cubes = labels[val_idx], cubes[val_idx]
         cubes, labels = cubes[train_idx], labels[train_idx]
+        mask_cubes = mask_cubes[train_idx] if use_masks else None
         val_patients = sorted({cases[i].patient for i in val_idx})
         train_cases, val_cases = [cases[i] for i in train_idx], [cases[i] for i in val_idx]
         recorded = {"train_patient_sha256": recorded_patients([cases[i] for i in train_idx]),
@@ -333,7 +358,7 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
             val_cubes = load_cached_cubes(val_cases, spec, cache)
             if val_cubes is None:
                 val_cubes = prepare_cases(val_cases, spec, reporter)
-                to_store.append((val_cases, val_cubes))
+                to_store.append((val_cases, val_cubes, "image"))
         val_patients = sorted({c.patient for c in val_cases})
     if len(set(labels.tolist())) < 2:
         raise Med3DError("the training cases hold only one class; a classifier needs benign and malignant cases")
@@ -344,8 +369,10 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     model, provenance = build_initialised_model({"type": "classifier", "num_classes": 2}, init, backbone)
     training_autocast(settings.amp, resolve_device(settings.device))  # refused before anything is written
     start_fresh(out_dir / name, overwrite, resume)  # every new input read and checked by now
-    for stored_cases, stored_cubes in to_store:
-        store_cubes(stored_cases, spec, cache, stored_cubes)
+    for stored_cases, stored_cubes, kind in to_store:
+        store_cubes(stored_cases, spec, cache, stored_cubes, kind)
+    if use_masks:
+        attach_mask_head(model)
     lr, head_lr = learning_rates(settings.lr, settings.head_lr, provenance["init"] != "scratch")
     frozen = freeze_encoder_parts(model, settings.freeze)
     config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=head_lr, pretrained_lr=lr,
@@ -353,7 +380,8 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
                          validate_every=settings.validate_every, best_metric="auc" if len(set(val_labels.tolist())) == 2
                          else "accuracy", checkpoint_every=max(settings.validate_every, 50), seed=settings.seed,
                          device=settings.device, amp=settings.amp)
-    sampler = CubeSampler(cubes, labels, settings.batch_size, settings.seed, settings.augment)
+    sampler = CubeSampler(cubes, labels, settings.batch_size, settings.seed, settings.augment,
+                          masks=mask_cubes if use_masks else None)
     last_probs: Dict[int, np.ndarray] = {}
 
     def validate(m: torch.nn.Module) -> Dict[str, float]:
@@ -361,11 +389,13 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
         last_probs[0] = probs
         return classification_metrics(probs, val_labels)
 
-    result = train(model, config, sampler.next_batch, classification_loss, out_dir / name,
+    loss = mask_classification_loss(settings.mask_weight) if use_masks else classification_loss
+    result = train(model, config, sampler.next_batch, loss, out_dir / name,
                    groups=encoder_head_groups(model, lr, head_lr), validate=validate,
                    stateful={"sampler": sampler}, reporter=reporter, resume=resume, stage="finetune")
     best_state = checkpoint_files.safe_load(result.best_path)["model"] if result.best_path else model.state_dict()
     model.load_state_dict(best_state)
+    detach_mask_head(model)  # training only: the bundle holds the classifier
     logits = predict_logits(model, val_cubes)
     calibration = calibrate(logits, val_labels)
     probs = softmax_with_temperature(logits, calibration["temperature"])

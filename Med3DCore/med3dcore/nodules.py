@@ -190,32 +190,47 @@ def prepare_nodule(volume: Volume, *, center_lps: Optional[Sequence[float]] = No
         raise Med3DError("the scan contains NaN or infinite voxels, so no probability computed from it would mean "
                          "anything; fix or re-export the scan")
     low, high = nodule_box(volume, center_lps=center_lps, size_mm=size_mm, mask=mask, params=spec)
-    centre = (low + high) / 2.0
+    lo_w, hi_w = spec.window
+    cube = np.clip(_sample_cube(volume, array, low, high, spec, fill=lo_w), lo_w, hi_w)
+    cube = (cube - (lo_w + hi_w) / 2.0) / ((hi_w - lo_w) / 2.0)
+    return cube[None].astype(np.float32)
 
+
+def _sample_cube(volume: Volume, array: np.ndarray, low: np.ndarray, high: np.ndarray, spec: NoduleInputSpec,
+                 fill: float) -> np.ndarray:
+    """``array`` (on ``volume``'s grid) linearly sampled on the cube centred on the box (low, high); points outside
+    the box or the scan read ``fill``."""
     # Output grid: axis-aligned in LPS, index (i, j, k) -> centre + (index - (n-1)/2) * spacing.
+    centre = (low + high) / 2.0
     n, step = spec.cube, float(spec.spacing_mm)
     offsets = (np.arange(n) - (n - 1) / 2.0) * step
     zz, yy, xx = np.meshgrid(centre[2] + offsets, centre[1] + offsets, centre[0] + offsets, indexing="ij")
     points = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], axis=1)
     visible = np.all((points >= low) & (points <= high), axis=1)
-
     ijk = volume.lps_to_ijk(points)
-    shape_ijk = np.array(volume.array.shape[::-1])
+    shape_ijk = np.array(array.shape[::-1])
     inside = visible & np.all((ijk >= -0.5) & (ijk <= shape_ijk - 0.5), axis=1)
-    lo_w, hi_w = spec.window
-    values = np.full(len(points), lo_w, dtype=np.float32)
+    values = np.full(len(points), fill, dtype=np.float32)
     if inside.any():
         # Interpolate from the bounding sub-block only, so a whole CT is not converted to float.
         coords = np.clip(ijk[inside], 0, shape_ijk - 1)
         first = np.floor(coords.min(axis=0)).astype(int)
         last = np.minimum(np.ceil(coords.max(axis=0)).astype(int), shape_ijk - 1)
-        block = np.asarray(volume.array[first[2]:last[2] + 1, first[1]:last[1] + 1, first[0]:last[0] + 1],
-                           dtype=np.float32)
+        block = np.asarray(array[first[2]:last[2] + 1, first[1]:last[1] + 1, first[0]:last[0] + 1], dtype=np.float32)
         local = (coords - first)[:, ::-1].T  # (k, j, i) rows for map_coordinates
         values[inside] = ndimage.map_coordinates(block, local, order=1, mode="nearest")
-    cube = np.clip(values.reshape(n, n, n), lo_w, hi_w)
-    cube = (cube - (lo_w + hi_w) / 2.0) / ((hi_w - lo_w) / 2.0)
-    return cube[None].astype(np.float32)
+    return values.reshape(n, n, n)
+
+
+def prepare_nodule_mask(volume: Volume, mask: Union[Volume, np.ndarray],
+                        params: Union[NoduleInputSpec, Mapping[str, Any], None] = None) -> np.ndarray:
+    """The nodule mask on the cube :func:`prepare_nodule` gives for ``mask`` (1, D, H, W) float32: the fraction of
+    each output voxel inside the nodule (linear interpolation), 0 outside the visible box. Training targets for the
+    auxiliary mask loss of classification fine-tuning."""
+    spec = _spec(params)
+    low, high = nodule_box(volume, mask=mask, params=spec)
+    labels = np.asarray(mask.array if isinstance(mask, Volume) else mask)
+    return _sample_cube(volume, labels != 0, low, high, spec, fill=0.0)[None]
 
 
 @dataclass

@@ -3,6 +3,7 @@ bundles, and short real runs on synthetic phantoms that write bundles inference 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from med3dcore.bundles import load_bundle, model_from_bundle, save_bundle
-from med3dcore.classification_finetune import (ClassificationSettings, CubeSampler, cached_cubes, finetune_classification,
-                                               prepare_cases)
+from med3dcore.classification_finetune import (ClassificationSettings, CubeSampler, cached_cubes, classification_loss,
+                                               finetune_classification, prepare_cases)
 from med3dcore.domains import domain_from_dict
 from med3dcore.errors import Med3DError
 from med3dcore.finetune import (build_initialised_model, encoder_head_groups, freeze_encoder_parts, grouped_folds,
@@ -21,6 +22,7 @@ from med3dcore.finetune import (build_initialised_model, encoder_head_groups, fr
 from med3dcore.infer import classify
 from med3dcore.medicalnet import export_medicalnet
 from med3dcore.nodule_evaluation import patient_digest
+from med3dcore.nodule_mask_loss import attach_mask_head, detach_mask_head, mask_classification_loss
 from med3dcore.nodule_measures import MEASURE_NAMES
 from med3dcore.nets import build_model
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table
@@ -135,6 +137,64 @@ def test_cube_sampler_is_a_function_of_the_step():
     first_epoch = np.concatenate([a.indices(s) for s in (1, 2, 3)])[:10]
     assert sorted(first_epoch.tolist()) == list(range(10))
 
+
+
+def test_cube_sampler_moves_each_mask_with_its_image():
+    cubes = np.random.default_rng(1).random((6, 1, 8, 8, 8)).astype(np.float32)
+    labels = np.arange(6) % 2
+    plain = CubeSampler(cubes, labels, 4, seed=3)
+    with_masks = CubeSampler(cubes, labels, 4, seed=3, masks=cubes * 0.5)
+    for step in (1, 2, 5):
+        batch = with_masks.next_batch(step)
+        assert batch["image"].shape == batch["mask"].shape == (4, 1, 8, 8, 8)
+        # same flips, transposes and shifts on both channels, and the same images as without masks
+        torch.testing.assert_close(batch["mask"], batch["image"] * 0.5)
+        assert torch.equal(batch["image"], plain.next_batch(step)["image"])
+    assert "mask" not in plain.next_batch(1)
+
+
+def test_mask_loss_adds_the_weighted_mask_term_and_trains_its_head():
+    torch.manual_seed(0)
+    model = attach_mask_head(build_model({"backbone": {"depth": 10}, "head": {"type": "classifier",
+                                                                              "num_classes": 2}}))
+    image = torch.randn(2, 1, 16, 16, 16)
+    mask = torch.zeros(2, 1, 16, 16, 16)
+    mask[:, :, 4:12, 4:12, 4:12] = 1.0
+    batch = {"image": image, "label": torch.tensor([0, 1]), "mask": mask}
+    plain, _ = classification_loss(model, batch)
+    combined, info = mask_classification_loss(0.5)(model, batch)
+    assert combined.item() == pytest.approx(plain.item() + 0.5 * info["mask_loss"], rel=1e-5)
+    combined.backward()
+    assert model.mask_head.weight.grad.abs().sum() > 0
+    new_layers = next(g for g in encoder_head_groups(model, 1e-3, 1e-2) if g["name"] == "new")
+    assert new_layers["lr"] == 1e-2 and any(p is model.mask_head.weight for p in new_layers["params"])
+    detach_mask_head(model)
+    assert not any(k.startswith("mask_head") for k in model.state_dict())
+
+
+def test_mask_loss_run_saves_the_classifier_alone(tmp_path):
+    cases = read_nodule_table(str(_nodule_table(tmp_path, n_patients=4)))
+    spec, events = NoduleInputSpec(cube=16, spacing_mm=2.0), []
+    settings = ClassificationSettings(steps=3, batch_size=4, val_fraction=0.5, validate_every=3, mask_weight=1.0,
+                                      cache_dir=str(tmp_path / "cache"))
+    result = finetune_classification(cases, tmp_path / "out", "nodule", spec=spec, settings=settings,
+                                     backbone={"depth": 10}, reporter=events.append)
+    steps = [e for e in events if e.get("stage") == "finetune" and e.get("kind") == "progress"]
+    assert len(steps) == 3 and all("mask_loss" in e["metrics"] for e in steps)
+    bundle = load_bundle(result["bundle"])
+    assert not any(k.startswith("mask_head") for k in bundle.state_dict)
+    assert bundle.provenance["settings"]["mask_weight"] == 1.0
+    assert model_from_bundle(bundle)(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2)
+    # the masks' cubes were cached beside the images'
+    assert len(list((tmp_path / "cache").glob("nodule_cubes-*.npy"))) == 2
+    # without a mask for every case the loss is left out, and the run says so
+    no_masks = [dataclasses.replace(c, mask=None, roi=None) if n == 0 else c for n, c in enumerate(cases)]
+    events.clear()
+    finetune_classification(no_masks, tmp_path / "out", "roi", spec=spec, settings=settings, backbone={"depth": 10},
+                            reporter=events.append)
+    assert any(e.get("kind") == "message" and "no auxiliary mask loss" in e["message"] for e in events)
+    steps = [e for e in events if e.get("stage") == "finetune" and e.get("kind") == "progress"]
+    assert steps and not any("mask_loss" in e["metrics"] for e in steps)
 
 def test_prepared_cubes_are_cached_per_table_and_spec(tmp_path):
     cases = read_nodule_table(str(_nodule_table(tmp_path, n_patients=2)))

@@ -100,6 +100,15 @@ def test_validation_fraction_zero_is_explained(capsys, tmp_path):
     assert "at least 0 and below 1" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("weight", ["-1", "nan", "inf"])
+def test_a_bad_mask_weight_is_one_clear_error(capsys, tmp_path, weight):
+    assert main(["finetune", "--task", "nodule", "--csv", str(tmp_path / "t.csv"), "--out", str(tmp_path),
+                 "--mask-weight", weight]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--mask-weight must be a number of at least 0" in err
+    assert list(tmp_path.iterdir()) == []
+
 def test_missing_model_hint_does_not_send_a_liver_user_to_the_demo(tmp_path, monkeypatch):
     from med3dcore import infer
 

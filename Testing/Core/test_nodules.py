@@ -7,7 +7,8 @@ import pytest
 
 from med3dcore.errors import Med3DError
 from med3dcore.nodules import (NoduleCase, NoduleInputSpec, nodule_box, label_from_row, mask_box, parse_roi,
-                               prepare_nodule, read_nodule_table, scan_box, trained_context)
+                               prepare_nodule, prepare_nodule_mask, read_nodule_table, scan_box,
+                               trained_context)
 from med3dcore.volume import Volume
 from med3dcore.volume_files import read_volume, write_volume
 
@@ -43,6 +44,31 @@ def test_sphere_comes_out_centred_isotropic_and_to_scale(direction):
     # 0 HU maps to (0 - (-300)) / 700
     assert cube[0, 15, 15, 15] == pytest.approx(300 / 700, abs=1e-3)
 
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, -1]])])
+def test_a_mask_cube_covers_its_nodule_on_the_image_cube(direction):
+    volume = _sphere_volume(direction)
+    mask = (volume.array > -500).astype(np.uint8)
+    cube = prepare_nodule(volume, mask=mask, params=SPEC)
+    fractions = prepare_nodule_mask(volume, mask, params=SPEC)
+    assert fractions.shape == (1, 32, 32, 32) and fractions.dtype == np.float32
+    assert fractions.min() >= 0.0 and fractions.max() <= 1.0
+    # the mask's volume is kept (1 mm voxels: mL x 1000 = voxel sum) and it sits where the image shows the sphere
+    voxel_mm3 = float(np.prod(volume.spacing))
+    assert fractions.sum() == pytest.approx(mask.sum() * voxel_mm3, rel=0.05)
+    solid = cube[0] > (-500 - (-300)) / 700.0
+    assert np.abs((fractions[0] > 0.5) ^ solid).sum() <= 0.1 * solid.sum()
+    # a label map with another non-zero value is the same nodule
+    np.testing.assert_array_equal(prepare_nodule_mask(volume, mask * 3, params=SPEC), fractions)
+
+
+def test_real_crop_mask_cube_keeps_the_nodule_volume(data_dir):
+    case = read_nodule_table(str(data_dir / "nodules" / "labels.csv"))[0]
+    image, mask = read_volume(case.image), read_volume(case.mask)
+    fractions = prepare_nodule_mask(image, mask, params=SPEC)
+    measured_mm3 = float((np.asarray(mask.array) != 0).sum() * np.prod(image.spacing))
+    assert fractions.sum() == pytest.approx(measured_mm3, rel=0.03)
 
 def test_flipped_or_transposed_file_gives_the_same_cube(data_dir):
     vol = read_volume(data_dir / "nodules/image/LIDC-IDRI-0001_R_1.nii.gz")

@@ -70,6 +70,10 @@ def main() -> int:
     parser.add_argument("--cube", type=int, default=NoduleInputSpec.cube, help="cube size in voxels")
     parser.add_argument("--cube-spacing", type=float, default=NoduleInputSpec.spacing_mm, help="cube spacing in mm")
     parser.add_argument("--amp", default=ClassificationSettings.amp, help="auto, off, bf16 (CPU too), fp16 (CUDA)")
+    parser.add_argument("--mask-weight", type=float, default=ClassificationSettings.mask_weight,
+                        help="weight of the auxiliary nodule-mask loss (0: none)")
+    parser.add_argument("--seed", type=int, default=ClassificationSettings.seed,
+                        help="training seed (batches, augmentation, initial weights); the folds stay the same")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", nargs="*", help="print the summary of finished runs and exit")
     args = parser.parse_args()
@@ -82,6 +86,8 @@ def main() -> int:
     # cut, not of their labels, so measuring it on every case leaks nothing between folds).
     spec = trained_context(cases, NoduleInputSpec(cube=args.cube, spacing_mm=args.cube_spacing))
     cubes = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"))
+    masks = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"), kind="mask") \
+        if args.mask_weight > 0 else None
     labels = np.array([c.label for c in cases])
     folds = grouped_folds([c.patient for c in cases], args.folds, strata=labels, seed=0)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -97,9 +103,10 @@ def main() -> int:
         result = finetune_classification(
             [cases[i] for i in train_idx], args.out, f"fold{k}", init=args.init, spec=spec, cubes=cubes[train_idx],
             settings=ClassificationSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                            head_lr=args.head_lr, amp=args.amp,
+                                            head_lr=args.head_lr, amp=args.amp, mask_weight=args.mask_weight,
+                                            seed=args.seed,
                                             freeze=tuple(p for p in args.freeze.split(",") if p)),
-            reporter=reporter, overwrite=True)
+            mask_cubes=None if masks is None else masks[train_idx], reporter=reporter, overwrite=True)
         bundle = load_bundle(result["bundle"])
         logits = predict_logits(model_from_bundle(bundle), cubes[test_idx])
         image_probs = softmax_with_temperature(logits, probability_temperature(bundle))  # classify --roi
@@ -115,6 +122,7 @@ def main() -> int:
                   "labels": labels[test_idx].tolist(),
                   "train_cases": int(len(train_idx)), "test_patients": len({cases[i].patient for i in test_idx}),
                   "steps": args.steps, "amp": args.amp, "lr": args.lr, "head_lr": args.head_lr,
+                  "mask_weight": args.mask_weight, "seed": args.seed,
                   "input": spec.to_dict(), "seconds": time.time() - start}
         target.write_text(json.dumps(record))
         print(f"fold {k}: test accuracy {test['accuracy']:.3f} AUC {test['auc']:.3f} "

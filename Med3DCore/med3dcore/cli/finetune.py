@@ -3,6 +3,7 @@ classification, and write a self-describing model bundle."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -92,6 +93,9 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--spacing", help="segmentation voxel spacing I,J,K mm (default: preset or median)")
     train.add_argument("--cube", type=int, default=32, help="nodule cube size in voxels (default 32)")
     train.add_argument("--cube-spacing", type=float, default=1.0, help="nodule cube spacing in mm (default 1)")
+    train.add_argument("--mask-weight", type=float, default=0.0,
+                       help="nodule: weight of an auxiliary mask loss, used when every case has a mask (default 0: "
+                            "none; on the LIDC crops it was within noise, see Testing/benchmarks/RESULTS.md)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
     train.add_argument("--amp", default="auto", choices=AMP_MODES,
@@ -161,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.val_fraction < 1.0:
         raise Med3DError(f"--val-fraction must be at least 0 and below 1 (e.g. 0.2; 0 = no validation), got "
                          f"{args.val_fraction}")
+    if not (math.isfinite(args.mask_weight) and args.mask_weight >= 0):
+        raise Med3DError(f"--mask-weight must be a number of at least 0 (0 = no mask loss), got {args.mask_weight}")
     if args.task == "nodule":
         if not args.csv or args.images or args.dataset:
             raise Med3DError("--task nodule reads a --csv table (image, label, optional mask/roi/patient_id)")
@@ -170,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         settings = ClassificationSettings(
             steps=args.steps or 300, batch_size=args.batch_size or 8, lr=args.lr, head_lr=args.head_lr,
             freeze=freeze, val_fraction=args.val_fraction, validate_every=args.val_every, seed=args.seed,
-            device=args.device, amp=args.amp)
+            device=args.device, amp=args.amp,
+            mask_weight=args.mask_weight)
         spec = NoduleInputSpec.from_dict({"cube": args.cube, "spacing_mm": args.cube_spacing})
         finetune_classification(read_nodule_table(args.csv), Path(args.out), name, init=args.init,
                                 backbone=backbone, spec=spec, settings=settings, reporter=reporter,
