@@ -210,7 +210,13 @@ def check_bundle(obj: Mapping[str, Any], where: str) -> Optional[bool]:
         from .nodule_measures import check_fusion
 
         check_fusion(extra["measured_fusion"], where)
-    # extra["nodule_input"] is bounded where it is used (NoduleInputSpec.from_dict), before any cube is made.
+    if "nodule_input" in extra:  # bounded here too, so that a bad one names the file
+        from .nodules import NoduleInputSpec
+
+        try:
+            NoduleInputSpec.from_dict(_mapping(extra["nodule_input"], f"{where}: 'extra.nodule_input'"))
+        except Med3DError as exc:
+            raise Med3DError(f"{where}: {exc}") from None
     for name, branch in _mapping(extra.get("branches") or {}, f"{where}: 'extra.branches'").items():
         limits.whole_number(_mapping(branch, f"{where}: branch '{name}'").get("num_classes"),
                             f"{where}: branch '{name}' classes", 1, limits.MAX_CLASSES)

@@ -11,8 +11,11 @@ import torch
 
 from med3dcore.bundles import inspect_file, save_bundle
 from med3dcore.cli import main
+from med3dcore.errors import Med3DError
 from med3dcore.medicalnet import export_medicalnet
 from med3dcore.nets import build_model, resnet3d
+
+from hostile_cases import tiny_bundle
 
 torch.set_num_threads(2)
 
@@ -46,12 +49,9 @@ def test_inspect_bundle_text(files, capsys):
      "nodule input: 32^3 voxels at 1 mm, -1000..400 HU; context around a mask x, y, z = 8, 8, 0 mm (draw an ROI "
      "with this margin around the nodule)"),
     ({"cube": 24, "spacing_mm": 1.25}, "nodule input: 24^3 voxels at 1.25 mm, -1000..400 HU; context around a mask "
-                                       "x, y, z = 8, 8, 8 mm"),  # a bundle from before per-axis context
-    ({"cube": 32, "context_mm": [8.0, 8.0]}, "nodule input: damaged (the nodule context margin must be one number or "
-                                             "three (x, y, z mm), got [8.0, 8.0])")])
+                                       "x, y, z = 8, 8, 8 mm")])  # a bundle from before per-axis context
 def test_inspect_shows_how_a_classifier_sees_a_nodule(tmp_path, capsys, nodule_input, line):
-    """The context a nodule classifier shows around a mask is the margin to draw an ROI with; a stranger's damaged
-    record is said to be damaged, not a traceback."""
+    """The context a nodule classifier shows around a mask is the margin to draw an ROI with."""
     arch = {"backbone": {"depth": 10, "shortcut_type": "B"}, "head": {"type": "classifier", "num_classes": 2}}
     save_bundle(tmp_path / "nodule.pt", build_model(arch), architecture=arch,
                 task={"type": "classification", "name": "nodule"},
@@ -60,6 +60,31 @@ def test_inspect_shows_how_a_classifier_sees_a_nodule(tmp_path, capsys, nodule_i
     assert main(["inspect", str(tmp_path / "nodule.pt")]) == 0
     assert line in capsys.readouterr().out
 
+
+
+@pytest.mark.parametrize("nodule_input, reason", [
+    ({"cube": 32, "context_mm": [8.0, 8.0]}, "the nodule context margin must be one number or three (x, y, z mm), "
+                                             "got [8.0, 8.0]"),
+    ({"cube": 32, "context_mm": -1}, "the nodule context margin (mm) must be a number from 0 to 1000, got -1"),
+    ("32^3", "'extra.nodule_input'")])
+def test_a_damaged_nodule_input_names_the_file(tmp_path, capsys, nodule_input, reason):
+    """A stranger's bundle whose nodule input is damaged: one line that names the file, as for every other field
+    (bundle_checks), from inspect and from classify alike; save_bundle refuses to write one."""
+    arch = {"backbone": {"depth": 10, "shortcut_type": "B"}, "head": {"type": "classifier", "num_classes": 2}}
+    path = tiny_bundle(tmp_path / "nodule.pt", architecture=arch, task={"type": "classification", "name": "nodule"},
+                       labels=[{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}],
+                       preprocessing=None, extra={"nodule_input": nodule_input})
+    before = path.read_bytes()
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and str(path) in err and reason in err and "Traceback" not in err
+    assert path.read_bytes() == before
+    with pytest.raises(Med3DError, match="nodule"):
+        save_bundle(tmp_path / "again.pt", build_model(arch), architecture=arch,
+                    task={"type": "classification", "name": "nodule"},
+                    labels=[{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}], preprocessing=None,
+                    provenance={}, extra={"nodule_input": nodule_input})
+    assert not (tmp_path / "again.pt").exists()
 
 def test_inspect_medicalnet_and_bare_files_text(files, capsys):
     assert main(["inspect", str(files / "resnet_10.pth")]) == 0

@@ -62,16 +62,11 @@ def format_info(info: Dict[str, Any]) -> str:
 
 
 def _nodule_input(params: Any) -> str:
-    """A classifier's cube and the context it shows around a mask, which is the margin to draw an ROI with."""
-    from ..errors import Med3DError
+    """A classifier's cube and the context it shows around a mask, which is the margin to draw an ROI with (the
+    bundle's checks have bounded it)."""
     from ..nodules import NoduleInputSpec
 
-    try:
-        if not isinstance(params, dict):
-            raise Med3DError(f"a mapping was expected, got {type(params).__name__}")
-        spec = NoduleInputSpec.from_dict(params)
-    except Med3DError as exc:
-        return f"damaged ({exc})"
+    spec = NoduleInputSpec.from_dict(params)
     low, high = spec.window
     return (f"{spec.cube}^3 voxels at {spec.spacing_mm:g} mm, {low:g}..{high:g} HU; context around a mask "
             f"{spec.context_text()} (draw an ROI with this margin around the nodule)")
