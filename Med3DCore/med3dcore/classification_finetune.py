@@ -109,7 +109,8 @@ class CubeSampler:
                              "table and settings")
 
 
-def classification_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+def classification_loss(model: torch.nn.Module,
+                        batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
     device = next(model.parameters()).device
     logits = model(batch["image"].to(device))
     labels = batch["label"].to(device)
@@ -296,7 +297,8 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
                             settings: Optional[ClassificationSettings] = None,
                             val_cases: Optional[Sequence[NoduleCase]] = None,
                             cubes: Optional[np.ndarray] = None, val_cubes: Optional[np.ndarray] = None,
-                            mask_cubes: Optional[np.ndarray] = None, reporter: Optional[Reporter] = None, resume: bool = False,
+                            mask_cubes: Optional[np.ndarray] = None, reporter: Optional[Reporter] = None,
+                            resume: bool = False,
                             overwrite: bool = False) -> Dict[str, Any]:
     """Fine-tune a benign/malignant nodule classifier and write ``out_dir/<name>.pt`` (a classification bundle).
 

@@ -148,6 +148,6 @@ def test_inspect_bad_file_in_subprocess(tmp_path, kind, message):
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"med3d inspect: error: ") and message in lines[0] and str(path) in lines[0]
+    assert lines[0].startswith("med3d inspect: error: ") and message in lines[0] and str(path) in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "pwned").exists()

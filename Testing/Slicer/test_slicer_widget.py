@@ -159,7 +159,6 @@ def test_segmentation_runs_in_the_background_and_lands_in_the_inputs_study(panel
     hierarchy.SetItemParent(hierarchy.GetItemByDataNode(node), study)
     widget._parameterNode.inputVolume, widget._parameterNode.device = node, "cpu"
     folders = med3d_folders()
-    started = time.monotonic()
     widget.ui.applyButton.click()
     assert widget._job is not None and widget._job.running  # Apply returned while the engine still runs
     assert widget.ui.applyButton.text == "Cancel" and widget.ui.progressBar.visible
