@@ -41,7 +41,7 @@ def bundle_path(model, tmp_path_factory):
     save_bundle(path, model, architecture=ARCH, task=TASK, labels=LABELS,
                 preprocessing=PreprocessSpec(spacing=(1.0, 1.0, 1.0), window=(-1000.0, 400.0), modality="CT"),
                 provenance={"data": "LIDC crops", "steps": 10, "metrics": {"auc": np.float64(0.75)}},
-                extra={"nodule_input": {"size": [32, 32, 32]}})
+                extra={"nodule_input": {"cube": 32, "spacing_mm": 1.0}})
     return path
 
 
@@ -59,7 +59,7 @@ def test_bundle_round_trip_reproduces_the_model(model, bundle_path):
     assert PreprocessSpec.from_dict(bundle.preprocessing).spacing == (1.0, 1.0, 1.0)
     assert bundle.provenance["metrics"] == {"auc": 0.75} and type(bundle.provenance["metrics"]["auc"]) is float
     assert bundle.provenance["med3dcore"] == __version__ and bundle.provenance["created"].endswith("+00:00")
-    assert bundle.extra == {"nodule_input": {"size": [32, 32, 32]}}
+    assert bundle.extra == {"nodule_input": {"cube": 32, "spacing_mm": 1.0}}
     raw = safe_load(bundle_path)
     assert raw["format"] == BUNDLE_FORMAT and raw["format_version"] == 1
     restored = model_from_bundle(bundle)
