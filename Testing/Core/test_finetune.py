@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from med3dcore.bundles import load_bundle, model_from_bundle, save_bundle
-from med3dcore.classification_finetune import (ClassificationSettings, CubeSampler, cached_cubes, classification_loss,
-                                               finetune_classification, prepare_cases)
+from med3dcore.classification_finetune import (ClassificationSettings, CubeSampler, classification_loss,
+                                               finetune_classification)
+from med3dcore.nodule_cubes import cached_cubes, prepare_cases
 from med3dcore.domains import domain_from_dict
 from med3dcore.errors import Med3DError
 from med3dcore.finetune import (build_initialised_model, encoder_head_groups, freeze_encoder_parts, grouped_folds,

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from med3dcore.classification_finetune import CubeSampler, cached_cubes
+from med3dcore.classification_finetune import CubeSampler
+from med3dcore.nodule_cubes import cached_cubes
 from med3dcore.errors import Med3DError
 from med3dcore.finetune import grouped_folds
 from med3dcore.nets import build_model

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from med3dcore.bundles import load_bundle, model_from_bundle
-from med3dcore.classification_finetune import (ClassificationSettings, cached_cubes, classification_metrics,
-                                               finetune_classification, predict_logits, softmax_with_temperature)
+from med3dcore.classification_finetune import (ClassificationSettings, classification_metrics, finetune_classification,
+                                               predict_logits, softmax_with_temperature)
 from med3dcore.finetune import grouped_folds
 from med3dcore.infer import probability_temperature
+from med3dcore.nodule_cubes import cached_cubes
 from med3dcore.nodule_measures import fused_probability, measure_cases
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table, trained_context
 from med3dcore.progress import make_reporter
