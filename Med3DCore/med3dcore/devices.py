@@ -107,17 +107,18 @@ def cpu_bf16_support() -> Optional[str]:
     return "AMX" if amx else "AVX512_BF16" if avx else None
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_bf16_gradients_ok() -> bool:
-    """Whether this CPU's bf16 convolutions give right weight gradients where oneDNN has been seen to get them
-    wrong: a 3x3x3 convolution over a feature map two voxels deep. On an AMD Zen 5 CPU (AVX512_BF16, no AMX) with
-    torch 2.13 those gradients are unrelated to float32's (relative error about 1, sometimes 1e35 or NaN, and
-    different on every call: uninitialised memory), while forward passes and input gradients are right; deep
-    layers on small training patches reach such maps. Checked once per process against float32 (a few ms)."""
+@functools.lru_cache(maxsize=4)
+def cpu_bf16_gradients_ok(depth: int = 2) -> bool:
+    """Whether this CPU's bf16 convolutions give right weight gradients over a feature map ``depth`` voxels deep,
+    where oneDNN has been seen to get them wrong at depth 2: a 3x3x3 convolution. On an AMD Zen 5 CPU (AVX512_BF16,
+    no AMX) with torch 2.13 those gradients are unrelated to float32's (relative error about 1, sometimes 1e35 or
+    NaN, and different on every call: uninitialised memory) over maps one to three voxels thin, right from four
+    on, while forward passes and input gradients are right everywhere; deep layers on small training patches reach
+    thin maps. Checked once per process and depth against float32 (a few ms)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 32, 2, 8, 8, generator=generator)
+    x = torch.randn(2, 32, int(depth), 8, 8, generator=generator)
     weight = (torch.randn(32, 32, 3, 3, 3, generator=generator) * 0.05).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = torch.nn.functional.conv3d(x, weight, padding=1)
@@ -150,7 +151,9 @@ def training_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of a training step (``TrainConfig.amp``): ``auto`` is bf16 on CUDA where supported, else
     float16; bf16 on a CPU with native bfloat16 (:func:`cpu_bf16_support`: segmentation steps 1.9x faster, the same
     leave-one-out lung Dice and cross-validated nodule AUC as float32, Testing/benchmarks/RESULTS.md) whose bf16
-    weight gradients pass :func:`cpu_bf16_gradients_ok`; float32 on other CPUs (emulated bf16 is slower there).
+    weight gradients over maps four voxels deep pass :func:`cpu_bf16_gradients_ok` (thinner maps, where some CPUs
+    fail, are trained in float32 by :class:`~med3dcore.bf16_guard.ThinMapsInFloat32`); float32 on other CPUs
+    (emulated bf16 is slower there).
     ``bf16`` on any device, as asked; ``fp16`` only on CUDA (PyTorch's reference kernels on a CPU take minutes per
     step); ``off`` none."""
     import torch
@@ -162,7 +165,7 @@ def training_autocast(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "off":
         return None
     if amp == "auto" and device.type != "cuda":
-        native = device.type == "cpu" and cpu_bf16_support() and cpu_bf16_gradients_ok()
+        native = device.type == "cpu" and cpu_bf16_support() and cpu_bf16_gradients_ok(depth=4)
         return torch.bfloat16 if native else None
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from .checkpoint_files import atomic_save, safe_load
+from .bf16_guard import THIN, ThinMapsInFloat32, thin_map_guard
 from .devices import cpu_bf16_support, describe_device, training_autocast
 from .distributed import average_grads_and_loss, broadcast_model, distributed_context, running_stats, training_device
 from .errors import Med3DError
@@ -201,6 +202,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     optimizer = make_adam(opt_groups, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     amp_dtype = training_autocast(config.amp, device)
+    guarded = isinstance(thin_map_guard(device, amp_dtype), ThinMapsInFloat32)
     scaler = _make_scaler(amp_dtype == torch.float16)
 
     start_step, history, best, rates_note = 0, [], None, None
@@ -287,6 +289,8 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
                             (", float32: this CPU's bf16 convolution gradients failed med3d's check (see "
                              "devices.cpu_bf16_gradients_ok)" if amp_dtype is None and config.amp == "auto"
                              and device.type == "cpu" and cpu_bf16_support() else "") +
+                            (f" (convolutions over maps {THIN} voxels thin or less in float32: this CPU's bf16 "
+                             "gradients there failed med3d's check)" if guarded else "") +
                             (f", {ctx.world_size} processes" if ctx.world_size > 1 else "")))
     per_rank = config.batch_size // ctx.world_size
     if per_rank * ctx.world_size != config.batch_size:
@@ -311,7 +315,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
                 b.copy_(b0)
             autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
                         else contextlib.nullcontext())
-            with autocast:
+            with autocast, thin_map_guard(device, amp_dtype):
                 loss, metrics = compute_loss(model, piece)
             value = float(loss.detach())
             total_loss += value / parts

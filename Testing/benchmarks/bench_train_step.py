@@ -61,6 +61,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from med3dcore.bf16_guard import thin_map_guard
     from med3dcore.training_setup import make_adam, training_layout
 
     variants = [("loop", False, False), ("foreach", False, False), ("fused", False, False), ("fused", True, False),
@@ -79,7 +80,9 @@ def main() -> None:
 
         def step(model, loss_of, optimizer, bf16):
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # what train.train does for amp bf16
+            # what train.train does for amp bf16: autocast, and thin maps in float32 where this CPU needs it
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                    thin_map_guard(torch.device("cpu"), torch.bfloat16 if bf16 else None):
                 loss = loss_of(model)
             loss.backward()
             optimizer.step()
