@@ -112,9 +112,10 @@ def cpu_bf16_gradients_ok(depth: int = 2) -> bool:
     """Whether this CPU's bf16 convolutions give right weight gradients over a feature map ``depth`` voxels deep,
     where oneDNN has been seen to get them wrong at depth 2: a 3x3x3 convolution. On an AMD Zen 5 CPU (AVX512_BF16,
     no AMX) with torch 2.13 those gradients are unrelated to float32's (relative error about 1, sometimes 1e35 or
-    NaN, and different on every call: uninitialised memory) over maps one to three voxels thin, right from four
-    on, while forward passes and input gradients are right everywhere; deep layers on small training patches reach
-    thin maps. Checked once per process and depth against float32 (a few ms)."""
+    NaN, and different on every call: uninitialised memory) over maps two voxels deep, and for other kernels and
+    strides over maps of one or three (a 1x1x1 map at stride 2, the 7x7x7 stem on 3x6x6), never from four on, while
+    forward passes and input gradients are right everywhere; deep layers on small training patches reach such maps.
+    Checked once per process and depth against float32 (a few ms)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)

@@ -176,8 +176,7 @@ def run(args: argparse.Namespace) -> int:
         settings = ClassificationSettings(
             steps=args.steps or 300, batch_size=args.batch_size or 8, lr=args.lr, head_lr=args.head_lr,
             freeze=freeze, val_fraction=args.val_fraction, validate_every=args.val_every, seed=args.seed,
-            device=args.device, amp=args.amp,
-            mask_weight=args.mask_weight)
+            device=args.device, amp=args.amp, mask_weight=args.mask_weight)
         spec = NoduleInputSpec.from_dict({"cube": args.cube, "spacing_mm": args.cube_spacing})
         finetune_classification(read_nodule_table(args.csv), Path(args.out), name, init=args.init,
                                 backbone=backbone, spec=spec, settings=settings, reporter=reporter,
