@@ -109,6 +109,14 @@ def test_a_bad_mask_weight_is_one_clear_error(capsys, tmp_path, weight):
     assert err.count("error:") == 1 and "--mask-weight must be a number of at least 0" in err
     assert list(tmp_path.iterdir()) == []
 
+
+def test_a_mask_weight_for_segmentation_is_one_clear_error(capsys, tmp_path):
+    assert main(["finetune", "--task", "lung", "--images", "a", "--labels", "b", "--out", str(tmp_path),
+                 "--mask-weight", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--mask-weight is for --task nodule" in err
+    assert list(tmp_path.iterdir()) == []
+
 def test_missing_model_hint_does_not_send_a_liver_user_to_the_demo(tmp_path, monkeypatch):
     from med3dcore import infer
 

@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.val_fraction}")
     if not (math.isfinite(args.mask_weight) and args.mask_weight >= 0):
         raise Med3DError(f"--mask-weight must be a number of at least 0 (0 = no mask loss), got {args.mask_weight}")
+    if args.mask_weight and args.task != "nodule":
+        raise Med3DError("--mask-weight is for --task nodule (an auxiliary loss of the classifier); segmentation "
+                         "already learns the masks")
     if args.task == "nodule":
         if not args.csv or args.images or args.dataset:
             raise Med3DError("--task nodule reads a --csv table (image, label, optional mask/roi/patient_id)")
