@@ -36,9 +36,13 @@ class ThinMapsInFloat32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def needs_thin_map_guard(device: torch.device, amp_dtype: Optional[torch.dtype]) -> bool:
+    """Whether bf16 training on ``device`` needs :class:`ThinMapsInFloat32`: a CPU whose bf16 gradients over
+    two-voxel maps fail the check."""
+    return device.type == "cpu" and amp_dtype == torch.bfloat16 and not cpu_bf16_gradients_ok(depth=2)
+
+
 def thin_map_guard(device: torch.device, amp_dtype: Optional[torch.dtype]) -> ContextManager[Any]:
-    """:class:`ThinMapsInFloat32` for bf16 training on a CPU whose bf16 gradients over two-voxel maps fail the
-    check, else a context that does nothing. A new one per use (a mode is entered once at a time)."""
-    if device.type == "cpu" and amp_dtype == torch.bfloat16 and not cpu_bf16_gradients_ok(depth=2):
-        return ThinMapsInFloat32()
-    return contextlib.nullcontext()
+    """:class:`ThinMapsInFloat32` where :func:`needs_thin_map_guard`, else a context that does nothing. A new one
+    per use (a mode is entered once at a time)."""
+    return ThinMapsInFloat32() if needs_thin_map_guard(device, amp_dtype) else contextlib.nullcontext()

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from .checkpoint_files import atomic_save, safe_load
-from .bf16_guard import THIN, ThinMapsInFloat32, thin_map_guard
+from .bf16_guard import THIN, needs_thin_map_guard, thin_map_guard
 from .devices import cpu_bf16_support, describe_device, training_autocast
 from .distributed import average_grads_and_loss, broadcast_model, distributed_context, running_stats, training_device
 from .errors import Med3DError
@@ -202,7 +202,7 @@ def train(model: nn.Module, config: TrainConfig, next_batch: Callable[[int], Any
     optimizer = make_adam(opt_groups, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     amp_dtype = training_autocast(config.amp, device)
-    guarded = isinstance(thin_map_guard(device, amp_dtype), ThinMapsInFloat32)
+    guarded = needs_thin_map_guard(device, amp_dtype)
     scaler = _make_scaler(amp_dtype == torch.float16)
 
     start_step, history, best, rates_note = 0, [], None, None

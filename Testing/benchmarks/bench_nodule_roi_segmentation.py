@@ -8,7 +8,8 @@ masks would close, on the same patient-grouped folds as bench_nodules_cv.py:
     python Testing/benchmarks/bench_nodule_roi_segmentation.py --out /tmp/nroi --only 2 3 4 --threads 1
     python Testing/benchmarks/bench_nodule_roi_segmentation.py --out /tmp/nroi --summary [--image-run /tmp/ncv/base]
 
-Per fold a ResNet-10 with a slim lung decoder (64, 32, 16 channels; 2 classes, full resolution) learns the masks of the other folds' cubes
+Per fold a ResNet-10 with a slim lung decoder (64, 32, 16 channels; 2 classes, full resolution; segmentation
+fine-tuning's cross-entropy + soft Dice, training_setup.ce_dice_loss) learns the masks of the other folds' cubes
 (the cubes bench_nodules_cv.py trains on: the mask's box plus the trained context, what an ROI drawn as the README
 says shows), then segments the held-out cubes; the component nearest the cube's centre is the nodule. The product's
 six measures (nodule_measures.measure_features, on the 1 mm cube grid with HU restored from the window) of the
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from med3dcore.classification_finetune import CubeSampler
@@ -39,20 +39,13 @@ from med3dcore.nets import build_model
 from med3dcore.nodule_measures import fit_logistic, logistic_logit, measure_features
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table, trained_context
 from med3dcore.progress import make_reporter
+from med3dcore.training_setup import ce_dice_loss
 from med3dcore.volume import Volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nodule_stats import fmt, paired_auc_difference, summarise  # noqa: E402
 
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy plus soft Dice of the nodule class (the nodule is a few % of the cube)."""
-    labels = (target[:, 0] >= 0.5).long()
-    p = torch.softmax(logits.float(), 1)[:, 1]
-    dice = (2 * (p * labels).sum() + 1) / (p.sum() + labels.sum() + 1)
-    return F.cross_entropy(logits.float(), labels) + (1 - dice)
 
 
 def central_component(mask: np.ndarray) -> np.ndarray:
@@ -88,7 +81,7 @@ def train_fold(cubes: np.ndarray, masks: np.ndarray, labels: np.ndarray, steps: 
     model.train()
     for step in range(1, steps + 1):
         batch = sampler.next_batch(step)
-        loss = segmentation_loss(model(batch["image"]), batch["mask"])
+        loss = ce_dice_loss(model(batch["image"]), (batch["mask"][:, 0] >= 0.5).long())
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
