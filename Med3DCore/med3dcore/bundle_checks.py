@@ -206,10 +206,20 @@ def check_bundle(obj: Mapping[str, Any], where: str) -> Optional[bool]:
         limits.number(extra["margin_mm"], f"{where}: the coarse stage's margin (mm)", 0.0, 1000.0)
     if "temperature" in extra:
         check_temperature(extra["temperature"], where)
-    if "measured_fusion" in extra:
-        from .nodule_measures import check_fusion
+    for key in ("measured_fusion", "outline_fusion"):
+        if key in extra:
+            from .nodule_measures import check_fusion
 
-        check_fusion(extra["measured_fusion"], where)
+            check_fusion(extra[key], where)
+    if "outline" in extra:  # the nodule outline network (nodule_outline.py) comes with its fusion record
+        outline = _mapping(extra["outline"], f"{where}: 'extra.outline'")
+        for key in ("architecture", "state_dict"):
+            if key not in outline:
+                raise Med3DError(f"{where}: its nodule outline network lacks '{key}'; the file is damaged")
+        check_architecture(outline["architecture"], f"{where} (nodule outline)")
+        _check_state(outline["state_dict"], f"{where} (nodule outline)")
+        if "outline_fusion" not in extra:
+            raise Med3DError(f"{where}: its nodule outline network has no fusion record; the file is damaged")
     if "nodule_input" in extra:  # bounded here too, so that a bad one names the file
         from .nodules import NoduleInputSpec
 

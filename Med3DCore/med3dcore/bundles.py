@@ -238,6 +238,9 @@ def _describe(obj: Any, path: Path) -> Dict[str, Any]:
         info["provenance"] = {k: v for k, v in bundle.provenance.items() if k not in ("created", "med3dcore")}
         if "nodule_input" in bundle.extra:  # how the classifier sees a nodule: users draw their ROIs after it
             info["nodule_input"] = bundle.extra["nodule_input"]
+        parts = {"measured_fusion": "a measured-size model (classify with a mask)",
+                 "outline": "a nodule outline network (classify without a mask)"}
+        info["also_holds"] = [text for key, text in parts.items() if key in bundle.extra]
     return info
 
 

@@ -43,6 +43,7 @@ class ClassificationSettings:
     weight_decay: float = 1e-4
     amp: str = "auto"                     # mixed precision of the training steps (train.TrainConfig.amp)
     mask_weight: float = 0.0              # auxiliary nodule-mask loss (nodule_mask_loss.py); needs every mask
+    outline_steps: Optional[int] = None   # nodule outline network (nodule_outline.py): None = steps, 0 = none
     cache_dir: Optional[str] = None       # prepared cubes; default <out>/<name>/cache
 
     def to_dict(self) -> Dict[str, Any]:
@@ -217,6 +218,16 @@ def recorded_patients(cases: Sequence[NoduleCase]) -> List[str]:
     return sorted({patient_digest(p) for p in (patient_id(c) for c in cases) if p is not None})
 
 
+def _cached_or_prepared(cases: Sequence[NoduleCase], spec: NoduleInputSpec, cache: Path, reporter: Reporter,
+                        to_store: List[Tuple[Any, np.ndarray, str]], kind: str) -> np.ndarray:
+    """Cubes (or mask cubes) of ``cases`` from the cache, else prepared and queued in ``to_store`` for the cache."""
+    found = load_cached_cubes(cases, spec, cache, kind)
+    if found is None:
+        found = prepare_cases(cases, spec, reporter, kind)
+        to_store.append((cases, found, kind))
+    return found
+
+
 def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: str, *,
                             init: Optional[str] = None, backbone: Optional[Mapping[str, Any]] = None,
                             spec: Optional[NoduleInputSpec] = None,
@@ -234,8 +245,11 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     masks for the auxiliary mask loss (``settings.mask_weight``; prepared here when not given). After the best
     checkpoint is chosen, temperature scaling is fitted on the validation logits (:func:`calibrate`) and stored
     in the bundle (``extra["temperature"]``; its record, Brier and ECE before and after, in the provenance), as
-    are the training patients' ids (so ``med3d evaluate`` can say when it is shown them again). Returns a dict with
-    the bundle path, the validation metrics and probabilities (calibrated) and the calibration record.
+    are the training patients' ids (so ``med3d evaluate`` can say when it is shown them again). When every case
+    has a mask, a nodule outline network is trained afterwards for ``settings.outline_steps`` steps and stored with
+    its fusion record (:mod:`med3dcore.nodule_outline`: ``classify`` without a mask then uses it). Returns a dict
+    with the bundle path, the validation metrics and probabilities (calibrated), the calibration record and the
+    measured-size and outline fits.
     """
     from . import bundles, checkpoint_files
     from .train import train
@@ -255,24 +269,25 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
             reporter(make_event("finetune", kind="message", message=(
                 f"context shown around each mask: {spec.context_text()}, as the training crops show it (classify "
                 "shows a nodule in a whole CT the same way)")))
-        cubes = load_cached_cubes(cases, spec, cache)
-        if cubes is None:
-            cubes = prepare_cases(cases, spec, reporter)
-            to_store.append((cases, cubes, "image"))
-    use_masks = settings.mask_weight > 0 and all(c.mask for c in cases)
+        cubes = _cached_or_prepared(cases, spec, cache, reporter, to_store, "image")
+    every_mask = all(c.mask for c in [*cases, *(val_cases or [])])
+    use_masks = settings.mask_weight > 0 and every_mask
+    outline_steps = settings.steps if settings.outline_steps is None else int(settings.outline_steps)
     if settings.mask_weight > 0 and not use_masks:
         reporter(make_event("finetune", kind="message", message=(
-            "no auxiliary mask loss: it needs a mask for every training case; training on the labels alone")))
-    if use_masks and mask_cubes is None:
-        mask_cubes = load_cached_cubes(cases, spec, cache, "mask")
+            "no auxiliary mask loss: it needs a mask for every case; training on the labels alone")))
+    val_masks = None
+    if (use_masks or outline_steps > 0) and every_mask:
         if mask_cubes is None:
-            mask_cubes = prepare_cases(cases, spec, reporter, "mask")
-            to_store.append((cases, mask_cubes, "mask"))
+            mask_cubes = _cached_or_prepared(cases, spec, cache, reporter, to_store, "mask")
+        if val_cases:
+            val_masks = _cached_or_prepared(val_cases, spec, cache, reporter, to_store, "mask")
     if val_cases is None:
         train_idx, val_idx = grouped_split([c.patient for c in cases], settings.val_fraction, labels, settings.seed)
         val_labels, val_cubes = labels[val_idx], cubes[val_idx]
         cubes, labels = cubes[train_idx], labels[train_idx]
-        mask_cubes = mask_cubes[train_idx] if use_masks else None
+        if mask_cubes is not None:
+            mask_cubes, val_masks = mask_cubes[train_idx], mask_cubes[val_idx]
         val_patients = sorted({cases[i].patient for i in val_idx})
         train_cases, val_cases = [cases[i] for i in train_idx], [cases[i] for i in val_idx]
         recorded = {"train_patient_sha256": recorded_patients([cases[i] for i in train_idx]),
@@ -283,10 +298,7 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
                     "validation_patient_sha256": recorded_patients(val_cases)}
         val_labels = np.array([c.label for c in val_cases], dtype=np.int64)
         if val_cubes is None:
-            val_cubes = load_cached_cubes(val_cases, spec, cache)
-            if val_cubes is None:
-                val_cubes = prepare_cases(val_cases, spec, reporter)
-                to_store.append((val_cases, val_cubes, "image"))
+            val_cubes = _cached_or_prepared(val_cases, spec, cache, reporter, to_store, "image")
         val_patients = sorted({c.patient for c in val_cases})
     if len(set(labels.tolist())) < 2:
         raise Med3DError("the training cases hold only one class; a classifier needs benign and malignant cases")
@@ -334,6 +346,21 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
     extra = {"nodule_input": spec.to_dict(), "temperature": calibration["temperature"]}
     if fusion.get("record"):
         extra["measured_fusion"] = fusion["record"]
+    outline: Dict[str, Any] = {"note": "no outline model: " + (
+        "outline steps 0" if outline_steps == 0 else "it needs a mask for every case and a measured-size model")}
+    if outline_steps > 0 and val_masks is not None and "record" in fusion:
+        from .nodule_outline import fit_outline_fusion, outline_bundle_extra, report_outline, train_outline
+
+        net = train_outline(cubes, mask_cubes, labels, outline_steps, out_dir / name, batch_size=settings.batch_size,
+                            seed=settings.seed, device=settings.device, amp=settings.amp,
+                            augment=settings.augment, reporter=reporter, resume=resume)
+        outline = fit_outline_fusion(net, spec, (np.concatenate([cubes, val_cubes]),
+                                                 np.concatenate([mask_cubes, val_masks]),
+                                                 np.concatenate([labels, val_labels])),
+                                     (val_cubes, val_masks, val_labels, logits))
+        report_outline(reporter, outline)
+        if "record" in outline:
+            extra.update(outline_bundle_extra(net, outline["record"]))
     bundles.save_bundle(
         bundle_path, model=model.cpu(), architecture=provenance["architecture"],
         task={"type": "classification", "name": "nodule"},
@@ -344,10 +371,11 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
                     "init": provenance["init"], "steps": settings.steps, "settings": settings.to_dict(),
                     "frozen": sorted({n.split(".")[1] for n in frozen}),
                     "best": result.best, "metrics": metrics, "calibration": calibration,
-                    "measured_fusion": {k: v for k, v in fusion.items() if k != "record"}},
+                    "measured_fusion": {k: v for k, v in fusion.items() if k != "record"},
+                    "outline": {k: outline[k] for k in ("note", "validation_dice", "empty") if k in outline}},
         extra=extra,
         overwrite=overwrite or resume)
     reporter(make_event("finetune", kind="result", metrics=metrics, path=str(bundle_path),
                         message=f"saved {bundle_path}; {calibration_summary(calibration)}"))
     return {"bundle": bundle_path, "metrics": metrics, "probabilities": probs, "labels": val_labels,
-            "best": result.best, "calibration": calibration, "measured_fusion": fusion}
+            "best": result.best, "calibration": calibration, "measured_fusion": fusion, "outline": outline}

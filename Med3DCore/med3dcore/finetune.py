@@ -90,12 +90,13 @@ def grouped_split(groups: Sequence[str], val_fraction: float = 0.2, strata: Opti
 
 # ------------------------------------------------------------------------------------- model and rates
 def clear_checkpoints(run_dir: Path) -> None:
-    """Remove the training checkpoints of one run folder (``run_dir/checkpoints``, and the two stages' of a
-    two-stage run), and only those: another run's checkpoints and the preprocessing cache stay."""
+    """Remove the training checkpoints of one run folder (``run_dir/checkpoints``, the two stages' of a
+    two-stage run and a nodule outline's), and only those: another run's checkpoints and the preprocessing cache stay."""
     import shutil
 
     run_dir = Path(run_dir)
-    for folder in (run_dir / "checkpoints", run_dir / "coarse" / "checkpoints", run_dir / "fine" / "checkpoints"):
+    for folder in (run_dir / "checkpoints", run_dir / "coarse" / "checkpoints", run_dir / "fine" / "checkpoints",
+                   run_dir / "outline" / "checkpoints"):
         if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder)
 

@@ -62,7 +62,9 @@ class ClassificationResult:
     ROI it gives the network's answer, ``image_probabilities``) and, when a mask marked the nodule, its measured
     size: equivalent-sphere diameter (mm) and volume (mL) (see ``nodule_size.py``). ``basis`` says what the
     probabilities come from: "image" (the network alone) or "image + mask measures" (see ``nodule_measures.py``);
-    ``image_probabilities`` are the network's alone either way (what the box shown, given back as an ROI, gives)."""
+    ``image_probabilities`` are the network's alone either way (what the box shown, given back as an ROI, gives).
+    Without a mask, a bundle with a learnt nodule outline (``nodule_outline.py``) outlines the nodule in the box
+    shown: basis "image + learnt outline measures", and the size is the outline's (``size_from`` says which)."""
 
     probabilities: Dict[str, float]
     predicted: str
@@ -73,6 +75,7 @@ class ClassificationResult:
     volume_ml: Optional[float] = None
     basis: str = "image"
     image_probabilities: Dict[str, float] = field(default_factory=dict)
+    size_from: Optional[str] = None  # "mask" or "learnt outline" (an estimate)
 
 
 # ------------------------------------------------------------------------------------------------ bundles
@@ -346,7 +349,8 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
     with ``mask`` (non-zero voxels on the image's grid), or neither when ``volume`` is itself a nodule crop.
     Returns the class probabilities by label name (calibrated by the bundle's temperature, see
     :func:`probability_temperature`; with a mask and a bundle fine-tuned on masks, from the image and the mask's
-    measures, see :mod:`med3dcore.nodule_measures`) and the box used.
+    measures, see :mod:`med3dcore.nodule_measures`; without a mask and a bundle with a learnt outline, from the
+    image and the outline's measures, see :mod:`med3dcore.nodule_outline`) and the box used.
     """
     if not isinstance(volume, Volume):
         raise Med3DError(f"classify needs a Volume (see med3dcore.volume_files.read_volume), got "
@@ -390,8 +394,18 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
         fusion = check_fusion(bundle.extra["measured_fusion"], _where(bundle))
         p = float(fused_probability(fusion, measure_features(volume, mask)[None], logits[0, 1] - logits[0, 0])[0])
         probs, basis = np.array([1.0 - p, p]), "image + mask measures"
+    elif mask is None and "outline" in bundle.extra and len(probs) == 2:
+        from .nodule_outline import outline_answers
+
+        p, size = outline_answers(bundle.extra, _where(bundle), cube[None], [float(logits[0, 1] - logits[0, 0])], dev)[0]
+        if p is None:
+            warnings.append("the learnt outline found no nodule in the box shown: the probability is the image's "
+                            "alone (is the nodule at the ROI's centre?)")
+        else:
+            probs, basis = np.array([1.0 - p, p]), "image + learnt outline measures"
     probabilities = {names[value]: float(probs[i]) for i, value in enumerate(sorted(names))}
     predicted = max(probabilities, key=probabilities.get)  # type: ignore[arg-type]
     return ClassificationResult(probabilities, predicted, box_centre, box_size, warnings,  # type: ignore[arg-type]
                                 diameter_mm=size.get("diameter_mm"), volume_ml=size.get("volume_ml"), basis=basis,
-                                image_probabilities=image_probabilities)
+                                image_probabilities=image_probabilities,
+                                size_from=("mask" if mask is not None else "learnt outline") if size else None)

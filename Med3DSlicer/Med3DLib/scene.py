@@ -168,7 +168,7 @@ def segmentation_from_labels(labels: Any, labelInfo: Sequence[Mapping[str, Any]]
 # Result-event fields shown by their own rows (or not at all); any other number the engine reports (e.g. a
 # nodule's diameter and volume when a mask is given) gets a row of its own.
 _SHOWN_FIELDS = {"kind", "stage", "step", "total", "message", "metrics", "probabilities", "predicted",
-                 "roi_center_lps", "roi_size_mm", "warnings", "basis", "image_probabilities"}
+                 "roi_center_lps", "roi_size_mm", "warnings", "basis", "image_probabilities", "size_from"}
 
 
 def _number(value: Any) -> bool:
@@ -193,6 +193,9 @@ def result_rows(result: Mapping[str, Any]) -> List[Tuple[str, str]]:
         if result["basis"] != "image":
             rows += [(f"P({name}), image alone", f"{float(p):.4f}")
                      for name, p in dict(result.get("image_probabilities") or {}).items()]
+    if result.get("size_from"):  # a learnt outline's size is an estimate; a mask's is measured
+        rows.append(("size from", "learnt outline (an estimate)" if result["size_from"] == "learnt outline"
+                     else str(result["size_from"])))
     if result.get("roi_center_lps") is not None:
         center = geometry.LPS_TO_RAS @ np.asarray(result["roi_center_lps"], dtype=float)
         rows.append(("ROI centre RAS (mm)", ", ".join(f"{v:.1f}" for v in center)))

@@ -94,6 +94,10 @@ def test_result_rows_show_extra_numeric_fields() -> None:
     event.update(basis="image + mask measures")
     assert scene.probabilities_text(event) == \
         "benign: 0.25  malignant: 0.75  ->  malignant  (from the image + mask measures)"
+    # a learnt outline's size is labelled an estimate, right after what the probability comes from
+    event.update(basis="image + learnt outline measures", size_from="learnt outline")
+    rows = scene.result_rows(event)
+    assert rows[6] == ("size from", "learnt outline (an estimate)") and ("diameter (mm)", "7.25") in rows
 
 
 def test_engine_errors_become_their_own_one_line_message(tmp_path) -> None:

@@ -39,6 +39,7 @@ from nodule_stats import (FEATURE_NAMES, fmt, logistic_oof, measured_features, p
                           per_fold_mean, summarise)
 
 ALONE = " (image alone, as with an ROI)"  # the suffix of a run's network-alone row
+OUTLINE = " (ROI only: image + learnt outline)"  # the suffix of a run's classify-without-a-mask row
 BASELINES = ("diameter LR", "measured-features LR", "product measures LR (no network)")
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
 
@@ -130,6 +131,9 @@ def main() -> int:
         if alone is not None and not np.allclose(alone, cnn):  # the run's bundles hold a measured-size model
             rows[f"{folder.name}{ALONE}"] = alone
             cnn = alone  # what the network adds to the measurements, below
+        outlined = cnn_probabilities(folder, folds, labels, "roi_probabilities")
+        if outlined is not None:  # the run's bundles hold a nodule outline network (nodule_outline.py)
+            rows[f"{folder.name}{OUTLINE}"] = outlined
         # Does the CNN add anything to the measurements? Its out-of-fold logit as an eighth feature (exploratory:
         # the CNN logits of the stacker's training folds come from models that saw its test fold).
         logit = np.log(np.clip(cnn, 1e-6, 1 - 1e-6) / np.clip(1 - cnn, 1e-6, 1))
@@ -153,6 +157,11 @@ def main() -> int:
         print(f"| {name} | {fmt(s['AUC'])} | {fmt(s['accuracy'])} | {fmt(s['sensitivity at 90% specificity'])} "
               f"| {fmt(s['Brier score'])} | {fmt(s['ECE'])} | {f['AUC']:.3f} +- {f['AUC_sd']:.3f}, {f['accuracy']:.3f} +- "
               f"{f['accuracy_sd']:.3f} | {diff} | {versus} |")
+    for folder in args.runs:  # what the learnt outline adds for ROI users, paired with the image alone
+        if f"{folder.name}{OUTLINE}" in rows and f"{folder.name}{ALONE}" in rows:
+            gain = paired_auc_difference(rows[f"{folder.name}{OUTLINE}"], rows[f"{folder.name}{ALONE}"], labels,
+                                         patients, args.resamples)
+            print(f"{folder.name}: ROI only, image + learnt outline minus image alone (paired AUC): {fmt(gain)}")
     if args.png:
         reliability_png(rows, labels, args.png)
         print(f"reliability diagram: {args.png}")

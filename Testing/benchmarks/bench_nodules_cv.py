@@ -9,7 +9,8 @@ Without tuning flags each fold is exactly what `med3d finetune --task nodule` do
 cube and temperature scaling). Each fold trains on the other folds (with the inner patient-grouped validation split
 that picks the best checkpoint by AUC and fits the temperature) and is scored once on its held-out patients with the
 probabilities classify would give: with the nodule's mask, so the measured-size model takes part (``probabilities``;
-nodule_measures.py), and from the image alone as with an ROI (``image_probabilities``). Per-fold results go to
+nodule_measures.py), from the image alone (``image_probabilities``) and, as classify gives them with an ROI alone,
+from the image and the learnt outline's measures (``roi_probabilities``; nodule_outline.py). Per-fold results go to
 OUT/fold<k>.json, so an interrupted run keeps the folds it finished; the prepared cubes are cached beside OUT.
 bench_nodule_table.py puts the runs next to the baselines, with confidence intervals.
 """
@@ -32,6 +33,7 @@ from med3dcore.finetune import grouped_folds
 from med3dcore.infer import probability_temperature
 from med3dcore.nodule_cubes import cached_cubes
 from med3dcore.nodule_measures import fused_probability, measure_cases
+from med3dcore.nodule_outline import outline_answers
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table, trained_context
 from med3dcore.progress import make_reporter
 
@@ -73,6 +75,8 @@ def main() -> int:
     parser.add_argument("--amp", default=ClassificationSettings.amp, help="auto, off, bf16 (CPU too), fp16 (CUDA)")
     parser.add_argument("--mask-weight", type=float, default=ClassificationSettings.mask_weight,
                         help="weight of the auxiliary nodule-mask loss (0: none)")
+    parser.add_argument("--outline-steps", type=int, default=ClassificationSettings.outline_steps,
+                        help="steps of the nodule outline network (default: --steps; 0: none)")
     parser.add_argument("--seed", type=int, default=ClassificationSettings.seed,
                         help="training seed (batches, augmentation, initial weights); the folds stay the same")
     parser.add_argument("--threads", type=int, default=2)
@@ -87,8 +91,8 @@ def main() -> int:
     # cut, not of their labels, so measuring it on every case leaks nothing between folds).
     spec = trained_context(cases, NoduleInputSpec(cube=args.cube, spacing_mm=args.cube_spacing))
     cubes = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"))
-    masks = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"), kind="mask") \
-        if args.mask_weight > 0 else None
+    # Every crop has a mask: the mask loss (--mask-weight) and the outline network (--outline-steps) learn from them.
+    masks = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"), kind="mask")
     labels = np.array([c.label for c in cases])
     folds = grouped_folds([c.patient for c in cases], args.folds, strata=labels, seed=0)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -105,9 +109,9 @@ def main() -> int:
             [cases[i] for i in train_idx], args.out, f"fold{k}", init=args.init, spec=spec, cubes=cubes[train_idx],
             settings=ClassificationSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                             head_lr=args.head_lr, amp=args.amp, mask_weight=args.mask_weight,
-                                            seed=args.seed,
+                                            seed=args.seed, outline_steps=args.outline_steps,
                                             freeze=tuple(p for p in args.freeze.split(",") if p)),
-            mask_cubes=None if masks is None else masks[train_idx], reporter=reporter, overwrite=True)
+            mask_cubes=masks[train_idx], reporter=reporter, overwrite=True)
         bundle = load_bundle(result["bundle"])
         logits = predict_logits(model_from_bundle(bundle), cubes[test_idx])
         image_probs = softmax_with_temperature(logits, probability_temperature(bundle))  # classify --roi
@@ -116,10 +120,19 @@ def main() -> int:
             p = fused_probability(bundle.extra["measured_fusion"], measure_cases([cases[i] for i in test_idx]),
                                   logits[:, 1] - logits[:, 0])
             probs = np.column_stack([1 - p, p])
+        roi_probs = image_probs
+        if "outline" in bundle.extra:  # classify without a mask: the image and the learnt outline's measures
+            answers = outline_answers(bundle.extra, str(result["bundle"]), cubes[test_idx],
+                                      logits[:, 1] - logits[:, 0], torch.device("cpu"))
+            p = np.array([a[0] if a[0] is not None else q for a, q in zip(answers, image_probs[:, 1])])
+            roi_probs = np.column_stack([1 - p, p])
         test = classification_metrics(probs, labels[test_idx])
         record = {"init": args.init, "fold": k, "test": test, "validation": result["metrics"],
                   "probabilities": probs[:, 1].tolist(), "image_probabilities": image_probs[:, 1].tolist(),
                   "image_test": classification_metrics(image_probs, labels[test_idx]),
+                  "roi_probabilities": roi_probs[:, 1].tolist(),
+                  "roi_test": classification_metrics(roi_probs, labels[test_idx]),
+                  "outline": result["outline"].get("validation_dice"), "outline_steps": args.outline_steps,
                   "labels": labels[test_idx].tolist(),
                   "train_cases": int(len(train_idx)), "test_patients": len({cases[i].patient for i in test_idx}),
                   "steps": args.steps, "amp": args.amp, "lr": args.lr, "head_lr": args.head_lr,

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     for name, p in result.probabilities.items():
         print(f"{name}: {p:.3f}")
     if result.diameter_mm is not None:
-        print(f"nodule: {result.diameter_mm:.1f} mm equivalent-sphere diameter, {result.volume_ml:.3f} mL (from the mask)")
+        source = "from the mask" if result.size_from == "mask" else "estimated from the learnt outline"
+        print(f"nodule: {result.diameter_mm:.1f} mm equivalent-sphere diameter, {result.volume_ml:.3f} mL ({source})")
     if result.basis != "image":  # the network's own answer too: what the box shown gives back as --roi
         alone = ", ".join(f"{name} {p:.3f}" for name, p in result.image_probabilities.items())
         print(f"probability from: {result.basis} (image alone: {alone})")

@@ -96,6 +96,9 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--mask-weight", type=float, default=0.0,
                        help="nodule: weight of an auxiliary mask loss, used when every case has a mask (default 0: "
                             "none; on the LIDC crops it was within noise, see Testing/benchmarks/RESULTS.md)")
+    train.add_argument("--outline-steps", type=int,
+                       help="nodule: steps of the nodule outline network that classify uses without a mask, trained "
+                            "when every case has a mask (default: --steps; 0: none)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
     train.add_argument("--amp", default="auto", choices=AMP_MODES,
@@ -167,6 +170,11 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.val_fraction}")
     if not (math.isfinite(args.mask_weight) and args.mask_weight >= 0):
         raise Med3DError(f"--mask-weight must be a number of at least 0 (0 = no mask loss), got {args.mask_weight}")
+    if args.outline_steps is not None and not 0 <= args.outline_steps <= 1_000_000:
+        raise Med3DError(f"--outline-steps must be a whole number from 0 (no outline) to 1000000, got "
+                         f"{args.outline_steps}")
+    if args.outline_steps is not None and args.task != "nodule":
+        raise Med3DError("--outline-steps is for --task nodule (the outline classify uses without a mask)")
     if args.mask_weight and args.task != "nodule":
         raise Med3DError("--mask-weight is for --task nodule (an auxiliary loss of the classifier); segmentation "
                          "already learns the masks")
@@ -179,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         settings = ClassificationSettings(
             steps=args.steps or 300, batch_size=args.batch_size or 8, lr=args.lr, head_lr=args.head_lr,
             freeze=freeze, val_fraction=args.val_fraction, validate_every=args.val_every, seed=args.seed,
-            device=args.device, amp=args.amp, mask_weight=args.mask_weight)
+            device=args.device, amp=args.amp, mask_weight=args.mask_weight, outline_steps=args.outline_steps)
         spec = NoduleInputSpec.from_dict({"cube": args.cube, "spacing_mm": args.cube_spacing})
         finetune_classification(read_nodule_table(args.csv), Path(args.out), name, init=args.init,
                                 backbone=backbone, spec=spec, settings=settings, reporter=reporter,

@@ -51,6 +51,8 @@ def format_info(info: Dict[str, Any]) -> str:
         lines += _provenance_lines(info.get("provenance") or {})
         if "nodule_input" in info:
             lines.append(f"nodule input: {_nodule_input(info['nodule_input'])}")
+        if info.get("also_holds"):
+            lines.append("also holds:  " + "; ".join(info["also_holds"]))
     elif info["format"] == "training-checkpoint":
         which = "best validation so far (best.pt)" if info.get("best") else "latest (last.pt)"
         lines.append(f"step:        {info.get('step')} of {info.get('total_steps') or '?'}, {which}")

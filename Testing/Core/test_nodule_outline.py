@@ -1,0 +1,152 @@
+"""The learnt nodule outline (nodule_outline.py): what classify gives with an ROI alone when the bundle holds one."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from med3dcore.bundles import load_bundle
+from med3dcore.classification_finetune import ClassificationSettings, finetune_classification
+from med3dcore.cli import main
+from med3dcore.infer import classify
+from med3dcore.nodule_evaluation import patient_digest
+from med3dcore.nodule_measures import MEASURE_NAMES, measure_features
+from med3dcore.nodule_outline import OUTLINE_ARCHITECTURE, central_component, cube_measures
+from med3dcore.nodules import NoduleInputSpec, read_nodule_table
+from med3dcore.volume import Volume
+from med3dcore.volume_files import read_volume
+
+from test_finetune import _nodule_table
+
+SPEC = NoduleInputSpec(cube=16, spacing_mm=2.0)
+
+
+def test_central_component_keeps_the_blob_at_the_centre():
+    mask = np.zeros((16, 16, 16), bool)
+    mask[0:6, 0:6, 0:6] = True  # larger, in a corner
+    mask[7:10, 7:10, 6:9] = True  # smaller, at the centre
+    kept = central_component(mask)
+    assert kept.sum() == 27 and kept[8, 8, 7] and not kept[0, 0, 0]
+    assert not central_component(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_cube_measures_restore_hu_on_the_cube_grid():
+    low, high = SPEC.window
+    hu = np.full((16, 16, 16), -850.0)
+    grid = np.indices(hu.shape) - 7.5
+    ball = (grid ** 2).sum(0) <= 3.2 ** 2
+    hu[ball] = 40.0
+    cube = ((np.clip(hu, low, high) - (low + high) / 2) / ((high - low) / 2)).astype(np.float32)[None]
+    measures = cube_measures(cube, ball, SPEC)
+    volume_mm3 = ball.sum() * 2.0 ** 3  # 2 mm voxels
+    assert measures[0] == pytest.approx(math.log((6 * volume_mm3 / math.pi) ** (1 / 3)))
+    assert measures[1] == pytest.approx(40.0, abs=0.01) and measures[2] == pytest.approx(0.0, abs=0.01)
+    expected = measure_features(Volume(hu.astype(np.float32), (2.0, 2.0, 2.0)), ball.astype(np.uint8))
+    np.testing.assert_allclose(measures, expected, rtol=1e-5, atol=1e-3)
+    assert len(measures) == len(MEASURE_NAMES)
+    assert cube_measures(cube, np.zeros_like(ball), SPEC) is None
+
+
+@pytest.fixture(scope="module")
+def outlined(tmp_path_factory):
+    """A small nodule run on phantom crops (every case has a mask, so an outline network is trained)."""
+    folder = tmp_path_factory.mktemp("outline")
+    cases = read_nodule_table(str(_nodule_table(folder)))
+    events = []
+    settings = ClassificationSettings(steps=20, batch_size=4, val_fraction=0.3, validate_every=10, lr=1e-3,
+                                      outline_steps=60)
+    result = finetune_classification(cases, folder / "out", "nodule", spec=NoduleInputSpec(cube=16),
+                                     backbone={"depth": 10}, settings=settings, reporter=events.append)
+    return {"folder": folder, "cases": cases, "events": events, "result": result,
+            "bundle": load_bundle(result["bundle"])}
+
+
+def test_a_run_with_masks_stores_an_outline_that_classify_uses_without_a_mask(outlined):
+    bundle, result, events = outlined["bundle"], outlined["result"], outlined["events"]
+    assert bundle.extra["outline"]["architecture"] == OUTLINE_ARCHITECTURE
+    assert bundle.extra["outline_fusion"]["features"] == list(MEASURE_NAMES)
+    outline_steps = [e for e in events if e.get("stage") == "outline" and e.get("kind") == "progress"]
+    assert len(outline_steps) == 60
+    record = bundle.provenance["outline"]
+    assert record["validation_dice"] == result["outline"]["validation_dice"] >= 0.5  # bright balls in lung
+    assert any(e.get("kind") == "message" and e["message"].startswith("nodule outline (classify without a mask)")
+               for e in events)
+    # classify with an ROI alone, given the box a mask shows, reproduces the validation probabilities of the fit
+    fitted = result["outline"]
+    shown = [c for c in outlined["cases"]
+             if patient_digest(c.patient) in bundle.provenance["data"]["validation_patient_sha256"]]
+    assert len(shown) == len(fitted["probabilities"]) == 6
+    for case, expected in zip(shown, fitted["probabilities"]):
+        image, mask = read_volume(case.image), read_volume(case.mask)
+        by_mask = classify(image, bundle, mask=mask, device="cpu")
+        by_roi = classify(image, bundle, roi=(by_mask.roi_center_lps, by_mask.roi_size_mm), device="cpu")
+        assert by_roi.basis == "image + learnt outline measures" and by_roi.size_from == "learnt outline"
+        assert by_roi.probabilities["malignant"] == pytest.approx(expected, abs=1e-5)
+        assert by_roi.image_probabilities == pytest.approx(by_mask.image_probabilities, abs=1e-6)
+        # the outline's size estimates the mask's (2 mm cube voxels against the crop's finer ones)
+        assert by_mask.size_from == "mask"
+        assert by_roi.diameter_mm == pytest.approx(by_mask.diameter_mm, rel=0.35)
+
+
+def test_the_cli_says_the_size_is_an_estimate(outlined, capsys):
+    case = outlined["cases"][0]
+    assert main(["classify", case.image, "--model", str(outlined["result"]["bundle"]), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "(estimated from the learnt outline)" in out
+    assert "probability from: image + learnt outline measures (image alone: benign " in out
+    assert main(["inspect", str(outlined["result"]["bundle"])]) == 0
+    assert "a nodule outline network (classify without a mask)" in capsys.readouterr().out
+
+
+def test_an_empty_outline_leaves_the_image_answer_with_a_warning(outlined):
+    bundle = outlined["bundle"]
+    state = dict(bundle.extra["outline"]["state_dict"])
+    last = [k for k in state if k.startswith("head.") and k.endswith(".bias")][-1]
+    state[last] = torch.tensor([1e4, -1e4])  # background everywhere
+    bundle.extra = {**bundle.extra, "outline": {**bundle.extra["outline"], "state_dict": state}}
+    case = outlined["cases"][0]
+    result = classify(read_volume(case.image), bundle, device="cpu")
+    assert result.basis == "image" and result.probabilities == result.image_probabilities
+    assert result.diameter_mm is None and result.size_from is None
+    assert any("the learnt outline found no nodule" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda extra: extra.pop("outline_fusion"), "has no fusion record"),
+    (lambda extra: extra["outline"].pop("state_dict"), "lacks 'state_dict'"),
+    (lambda extra: extra.update(outline=[1, 2]), "'extra.outline' must be a mapping"),
+    (lambda extra: extra["outline"]["state_dict"].pop("head.out.weight", None) or
+     extra["outline"]["state_dict"].update({"head.extra": torch.zeros(1)}), "does not fit its architecture"),
+])
+def test_a_damaged_outline_is_one_line_naming_the_file(outlined, tmp_path, capsys, damage, message):
+    raw = torch.load(outlined["result"]["bundle"], weights_only=False)
+    raw["extra"]["outline"]["state_dict"] = dict(raw["extra"]["outline"]["state_dict"])
+    damage(raw["extra"])
+    raw.pop("content_sha256")  # a bundle saved before checksums: only the checks stand guard
+    path = tmp_path / "damaged.pt"
+    torch.save(raw, path)
+    before = path.read_bytes()
+    case = outlined["cases"][0]
+    code = main(["classify", case.image, "--model", str(path), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and str(path) in err[0], err
+    assert "Traceback" not in err[0] and path.read_bytes() == before
+
+
+def test_outline_steps_zero_trains_none_and_bad_values_are_one_line(outlined, tmp_path, capsys):
+    cases = outlined["cases"][:8]
+    settings = ClassificationSettings(steps=2, batch_size=4, val_fraction=0.5, validate_every=2, outline_steps=0)
+    result = finetune_classification(cases, tmp_path / "out", "none", spec=SPEC, backbone={"depth": 10},
+                                     settings=settings)
+    bundle = load_bundle(result["bundle"])
+    assert "outline" not in bundle.extra and "outline_fusion" not in bundle.extra
+    assert bundle.provenance["outline"] == {"note": "no outline model: outline steps 0"}
+    csv = str(outlined["folder"] / "nodules.csv")
+    for args, text in ((["--task", "nodule", "--csv", csv, "--outline-steps", "-1"], "--outline-steps must be"),
+                       (["--task", "lung", "--images", str(tmp_path), "--outline-steps", "5"], "is for --task nodule")):
+        assert main(["finetune", *args, "--out", str(tmp_path / "cli")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and text in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "cli").exists()
