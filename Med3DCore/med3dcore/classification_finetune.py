@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -115,17 +115,27 @@ def classification_loss(model: torch.nn.Module,
     return loss, {"accuracy": float((logits.argmax(1) == labels).float().mean())}
 
 
-def predict_logits(model: torch.nn.Module, cubes: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Logits (N, classes), float32, of prepared cubes, in eval mode."""
+def evaluate_batches(model: torch.nn.Module, cubes: np.ndarray, batch_size: int,
+                     keep: Callable[[torch.Tensor], np.ndarray]) -> List[np.ndarray]:
+    """``keep(model(batch))`` for each batch of prepared cubes, in eval mode without gradients (the model's training
+    mode is restored afterwards)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    with torch.no_grad():
-        for start in range(0, len(cubes), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(cubes[start:start + batch_size])).to(device)
-            out.append(model(x).float().cpu().numpy())
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(cubes), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(cubes[start:start + batch_size])).to(device)
+                out.append(keep(model(x)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def predict_logits(model: torch.nn.Module, cubes: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Logits (N, classes), float32, of prepared cubes, in eval mode."""
+    out = evaluate_batches(model, cubes, batch_size, lambda y: y.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
 
@@ -357,7 +367,7 @@ def finetune_classification(cases: Sequence[NoduleCase], out_dir: Path, name: st
         outline = fit_outline_fusion(net, spec, (np.concatenate([cubes, val_cubes]),
                                                  np.concatenate([mask_cubes, val_masks]),
                                                  np.concatenate([labels, val_labels])),
-                                     (val_cubes, val_masks, val_labels, logits))
+                                     (val_cubes, val_masks, val_labels, logits), calibration["temperature"])
         report_outline(reporter, outline)
         if "record" in outline:
             extra.update(outline_bundle_extra(net, outline["record"]))

@@ -397,7 +397,8 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
     elif mask is None and "outline" in bundle.extra and len(probs) == 2:
         from .nodule_outline import outline_answers
 
-        p, size = outline_answers(bundle.extra, _where(bundle), cube[None], [float(logits[0, 1] - logits[0, 0])], dev)[0]
+        image_logit = float(logits[0, 1] - logits[0, 0])
+        p, size = outline_answers(bundle.extra, _where(bundle), cube[None], [image_logit], dev)[0]
         if p is None:
             warnings.append("the learnt outline found no nodule in the box shown: the probability is the image's "
                             "alone (is the nodule at the ROI's centre?)")

@@ -64,17 +64,12 @@ def cube_measures(cube: np.ndarray, mask: np.ndarray, spec: NoduleInputSpec) -> 
 
 def outline_masks(net: torch.nn.Module, cubes: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """Boolean outlines (N, D, H, W) of prepared cubes (N, 1, D, H, W): the argmax's component nearest the centre."""
-    device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(cubes), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(cubes[start:start + batch_size])).to(device)
-            for found in (net(x).argmax(1) > 0).cpu().numpy():
-                out.append(central_component(found))
-    net.train(was_training)
-    return np.stack(out) if out else np.zeros((0, *cubes.shape[2:]), bool)
+    from .classification_finetune import evaluate_batches
+
+    found = evaluate_batches(net, cubes, batch_size, lambda y: (y.argmax(1) > 0).cpu().numpy())
+    if not found:
+        return np.zeros((0, *cubes.shape[2:]), bool)
+    return np.stack([central_component(f) for f in np.concatenate(found)])
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -112,11 +107,13 @@ def train_outline(cubes: np.ndarray, masks: np.ndarray, labels: np.ndarray, step
 
 
 def fit_outline_fusion(net: torch.nn.Module, spec: NoduleInputSpec, stage1: Tuple[np.ndarray, np.ndarray, np.ndarray],
-                       val: Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> Dict[str, Any]:
+                       val: Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                       temperature: float = 1.0) -> Dict[str, Any]:
     """The outline's fusion record (see the module docstring) and what it gives on validation.
 
     ``stage1`` = (cubes, mask cubes, labels) of every labelled case; ``val`` = (cubes, mask cubes, labels, the
-    classifier's logits (N, 2)) of the validation cases. Returns ``{"record", "validation_dice", "empty",
+    classifier's logits (N, 2)) of the validation cases; ``temperature`` is the classifier's (what an empty
+    outline leaves). Returns ``{"record", "validation_dice", "empty",
     "probabilities", "labels"}`` (probabilities of the validation cases as ``classify`` gives them without a mask) or, when
     the outline finds too few validation nodules of both classes to fit stage 2, ``{"note"}`` alone."""
     cubes, masks, labels = stage1
@@ -133,7 +130,7 @@ def fit_outline_fusion(net: torch.nn.Module, spec: NoduleInputSpec, stage1: Tupl
                 "validation_dice": float(np.median(dices)) if dices else None}
     record = fit_fusion(np.stack([true[i] for i in keep]), np.asarray(labels)[keep],
                         np.stack([learnt[i] for i in usable]), image_logits[usable], np.asarray(val_labels)[usable])
-    p = 1.0 / (1.0 + np.exp(-image_logits))  # an empty outline leaves the image's answer (uncalibrated here)
+    p = 1.0 / (1.0 + np.exp(-image_logits / temperature))  # an empty outline leaves the image's own answer
     p[usable] = fused_probability(record, np.stack([learnt[i] for i in usable]), image_logits[usable])
     return {"record": record, "validation_dice": float(np.median(dices)), "empty": len(learnt) - len(usable),
             "probabilities": p, "labels": np.asarray(val_labels)}
@@ -171,7 +168,8 @@ def outline_answers(extra: Mapping[str, Any], where: str, cubes: np.ndarray, ima
     record = check_fusion(extra["outline_fusion"], where)
     spec = NoduleInputSpec.from_dict(extra.get("nodule_input") or {})
     answers: List[Tuple[Optional[float], Dict[str, float]]] = []
-    for cube, found, logit in zip(cubes, outline_masks(outline_network(extra, where).to(device), cubes), image_logits):
+    outlines = outline_masks(outline_network(extra, where).to(device), cubes)
+    for cube, found, logit in zip(cubes, outlines, image_logits):
         measures = cube_measures(cube, found, spec)
         if measures is None:
             answers.append((None, {}))

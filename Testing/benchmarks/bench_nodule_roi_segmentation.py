@@ -12,7 +12,7 @@ Per fold a ResNet-10 with a slim lung decoder (64, 32, 16 channels; 2 classes, f
 fine-tuning's cross-entropy + soft Dice, training_setup.ce_dice_loss) learns the masks of the other folds' cubes
 (the cubes bench_nodules_cv.py trains on: the mask's box plus the trained context, what an ROI drawn as the README
 says shows), then segments the held-out cubes; the component nearest the cube's centre is the nodule. The product's
-six measures (nodule_measures.measure_features, on the 1 mm cube grid with HU restored from the window) of the
+six measures (nodule_outline.cube_measures, on the 1 mm cube grid with HU restored from the window) of the
 predicted and of the true masks then go through one logistic regression fitted on the training folds' true-mask
 measures (as the product's stage 1 is), scored on the held-out fold. --summary pools the folds: AUC with its
 patient-bootstrap interval for true-mask and predicted-mask measures, the Dice of the predicted masks, and, with
@@ -29,18 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from med3dcore.classification_finetune import CubeSampler
 from med3dcore.nodule_cubes import cached_cubes
-from med3dcore.errors import Med3DError
 from med3dcore.finetune import grouped_folds
 from med3dcore.nets import build_model
-from med3dcore.nodule_measures import fit_logistic, logistic_logit, measure_features
+from med3dcore.nodule_measures import fit_logistic, logistic_logit
+from med3dcore.nodule_outline import central_component, cube_measures
 from med3dcore.nodules import NoduleInputSpec, read_nodule_table, trained_context
 from med3dcore.progress import make_reporter
 from med3dcore.training_setup import ce_dice_loss
-from med3dcore.volume import Volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nodule_stats import fmt, paired_auc_difference, summarise  # noqa: E402
@@ -48,27 +46,10 @@ from nodule_stats import fmt, paired_auc_difference, summarise  # noqa: E402
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
 
 
-def central_component(mask: np.ndarray) -> np.ndarray:
-    """The connected component of ``mask`` nearest the cube's centre (the ROI is centred on the nodule)."""
-    components, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    centre = (np.array(mask.shape) - 1) / 2.0
-    points = np.argwhere(components > 0)
-    nearest = components[tuple(points[np.argmin(np.linalg.norm(points - centre, axis=1))])]
-    return components == nearest
-
-
-def cube_measures(cube: np.ndarray, mask: np.ndarray, spec: NoduleInputSpec) -> np.ndarray:
-    """The product's measures of ``mask`` on a prepared cube (HU restored; values beyond the window stay clipped)."""
-    low, high = spec.window
-    hu = cube[0] * (high - low) / 2.0 + (low + high) / 2.0
-    step = float(spec.spacing_mm)
-    image = Volume(hu.astype(np.float32), (step, step, step), (0.0, 0.0, 0.0), np.eye(3))
-    try:
-        return measure_features(image, mask.astype(np.uint8))
-    except Med3DError:  # an empty prediction: no nodule found
-        return np.full(6, np.nan)
+def measured(cube: np.ndarray, mask: np.ndarray, spec: NoduleInputSpec) -> np.ndarray:
+    """The product's measures of a mask on a cube (nodule_outline.cube_measures); NaN for an empty one."""
+    found = cube_measures(cube, mask, spec)
+    return np.full(6, np.nan) if found is None else found
 
 
 def train_fold(cubes: np.ndarray, masks: np.ndarray, labels: np.ndarray, steps: int, seed: int) -> torch.nn.Module:
@@ -103,9 +84,9 @@ def run_fold(k: int, test: np.ndarray, cubes: np.ndarray, masks: np.ndarray, lab
             pred = central_component(pred)
             truth = masks[i, 0] >= 0.5
             dice.append(2 * np.sum(pred & truth) / max(pred.sum() + truth.sum(), 1))
-            predicted.append(cube_measures(cubes[i], pred, spec))
-    true_train = np.array([cube_measures(cubes[i], masks[i, 0] >= 0.5, spec) for i in train])
-    true_test = np.array([cube_measures(cubes[i], masks[i, 0] >= 0.5, spec) for i in test])
+            predicted.append(measured(cubes[i], pred, spec))
+    true_train = np.array([measured(cubes[i], masks[i, 0] >= 0.5, spec) for i in train])
+    true_test = np.array([measured(cubes[i], masks[i, 0] >= 0.5, spec) for i in test])
     predicted = np.array(predicted)
     empty = int(np.isnan(predicted[:, 0]).sum())
     fallback = np.nanmedian(true_train, axis=0)  # an empty prediction gets the typical nodule's measures
