@@ -68,7 +68,7 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.catalog = model_catalog.ModelCatalog()
         self.lastWarnings: List[str] = []
-        self.lastResultTable: Any = None
+        self.lastResultTable = self.lastOutline = None  # the last classification's table and learnt outline
         self.progressCallback: Optional[Callable[[Optional[float], str], None]] = None  # blocking calls only
         self.onPackagesInstalled: Optional[Callable[[], None]] = None
 
@@ -128,11 +128,11 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
     def runToEnd(self, job: jobs.InferenceJob) -> Any:
         """Wait for a background job (reporting to ``progressCallback``) and load its result."""
         if self.progressCallback is not None:
-            job.on_progress = lambda running: self.progressCallback(running.state.fraction,
-                                                                    running.state.status_text())
+            job.on_progress = lambda running: self.progressCallback(running.state.fraction, running.state.status_text())
         job.wait()
         result = job.finish()
         self.lastWarnings, self.lastResultTable = job.warnings, job.table or self.lastResultTable
+        self.lastOutline = job.outline  # a classification's learnt nodule outline (segmentation node) or None
         return result
 
     def segment(self, volumeNode: Any, task: str = "lung", model: Optional[str] = None, device: str = "auto",
@@ -142,7 +142,7 @@ class Med3DLogic(ScriptedLoadableModuleLogic):
 
     def classifyNodule(self, volumeNode: Any, roiNode: Any = None, model: Optional[str] = None,
                        device: str = "auto", tableNode: Any = None, maskNode: Any = None) -> Dict[str, float]:
-        """Classify and wait; returns {class: probability} and fills ``lastResultTable``."""
+        """Classify and wait; returns {class: probability}, fills ``lastResultTable`` and sets ``lastOutline``."""
         return self.runToEnd(self.startClassify(volumeNode, roiNode, model, device, tableNode, maskNode))
 
     def finetune(self, task: str, pairs: Sequence[Tuple[Any, Any]] = (), folder: Optional[str] = None,

@@ -24,11 +24,11 @@ from .devices import describe_precision, resolve_device, resolve_precision
 from .errors import Med3DError
 from .nets.model import Med3DNet, build_model
 from .nodule_size import measure_nodule
-from .nodules import nodule_box, prepare_nodule
+from .nodules import NoduleInputSpec, nodule_box, prepare_nodule, visible_in_cube
 from .preprocess import PreprocessSpec, check_intensity_range, preprocess_image, restore_class_map
 from .progress import Reporter, make_event, null_reporter
 from .safe_io import regular_file
-from .sliding import make_predictor, sliding_window
+from .sliding import make_predictor, resolve_passes, sliding_window
 from .volume import Volume, smallest_label_dtype
 
 ModelLike = Union[str, "os.PathLike[str]", Bundle]
@@ -64,7 +64,8 @@ class ClassificationResult:
     probabilities come from: "image" (the network alone) or "image + mask measures" (see ``nodule_measures.py``);
     ``image_probabilities`` are the network's alone either way (what the box shown, given back as an ROI, gives).
     Without a mask, a bundle with a learnt nodule outline (``nodule_outline.py``) outlines the nodule in the box
-    shown: basis "image + learnt outline measures", and the size is the outline's (``size_from`` says which)."""
+    shown: basis "image + learnt outline measures", the size is the outline's (``size_from`` says which) and
+    ``outline`` is that outline as a label map on the input's grid (1 = nodule; empty when nothing was found)."""
 
     probabilities: Dict[str, float]
     predicted: str
@@ -76,6 +77,7 @@ class ClassificationResult:
     basis: str = "image"
     image_probabilities: Dict[str, float] = field(default_factory=dict)
     size_from: Optional[str] = None  # "mask" or "learnt outline" (an estimate)
+    outline: Optional[Volume] = field(default=None, repr=False)  # the learnt outline on the input's grid
 
 
 # ------------------------------------------------------------------------------------------------ bundles
@@ -177,6 +179,7 @@ class _Options:
     overlap: float = DEFAULT_OVERLAP
     batch_size: int = 1
     precision: str = "auto"
+    passes: Union[str, int] = "auto"
     blend: str = "gaussian"
     keep_largest: bool = True
 
@@ -204,7 +207,9 @@ def _classes(volume: Volume, net: Med3DNet, spec: PreprocessSpec, device: torch.
     say(f"network input: {array.shape[0]} slices of {array.shape[1]}x{array.shape[2]} voxels, {si:g}x{sj:g} mm, "
         f"{sk:g} mm apart")
     precision = resolve_precision(opts.precision, device)
-    say(f"precision {describe_precision(precision, device)}")
+    passes = 1 if input_size is not None else resolve_passes(opts.passes, precision)
+    shifted = f"; {passes} passes at shifted grid alignments, averaged" if passes > 1 else ""
+    say(f"precision {describe_precision(precision, device)}{shifted}")
     predict = make_predictor(net, device, precision)
     image = torch.from_numpy(array)[None]
     if input_size is not None:
@@ -217,7 +222,7 @@ def _classes(volume: Volume, net: Med3DNet, spec: PreprocessSpec, device: torch.
     else:
         probs = sliding_window(predict, image, tile=opts.tile, overlap=opts.overlap, batch_size=opts.batch_size,
                                blend=opts.blend, multiple=OUTPUT_STRIDE, pad_value=float(array.min()),
-                               device=device, reporter=reporter, stage=stage)
+                               device=device, reporter=reporter, stage=stage, passes=passes)
     del image, array
     say("putting the result back on the scan's own grid")  # seconds on a big scan: the bar stands still meanwhile
     return restore_class_map(probs.numpy(), prepared), int(probs.shape[0])
@@ -284,8 +289,9 @@ def segment(volume: Volume, model: Optional[ModelLike] = None, task: Optional[st
     bundle's task. A bundle with a coarse stage (``extra["coarse"]``, the liver model) runs both stages.
     ``options``: ``tile`` (K, J, I voxels, None = whole volume, ``"auto"`` = the whole volume when it fits the voxel
     budget, else the fewest tiles within it), ``overlap``, ``batch_size``, ``precision`` (auto/fp32/bf16/amp; auto =
-    amp on CUDA, bf16 on CPUs with native bfloat16, else fp32), ``blend`` (gaussian/constant), ``keep_largest``
-    (the anatomical clean-up, :func:`clean_up`, default on).
+    amp on CUDA, bf16 on CPUs with native bfloat16, else fp32), ``passes`` (1-8 tilings at shifted grid
+    alignments, averaged; auto = 2 in bf16/amp, 1 in fp32: ``sliding.resolve_passes``), ``blend``
+    (gaussian/constant), ``keep_largest`` (the anatomical clean-up, :func:`clean_up`, default on).
     A model trained only on synthetic phantoms warns that it is, unless ``synthetic_input`` says the scan is a
     phantom too (the demo's). Progress goes to ``reporter``; warnings (also sent as ``message`` events) are in
     the result. The label map has exactly the input's size, spacing, origin and direction.
@@ -387,7 +393,7 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
         raise Med3DError(f"{_where(bundle)} lists {len(names)} labels but its network gives {len(probs)} classes; "
                          "the file is damaged")
     image_probabilities = {names[value]: float(probs[i]) for i, value in enumerate(sorted(names))}
-    basis = "image"
+    basis, outline = "image", None
     if mask is not None and "measured_fusion" in bundle.extra and len(probs) == 2:
         from .nodule_measures import check_fusion, fused_probability, measure_features
 
@@ -395,10 +401,13 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
         p = float(fused_probability(fusion, measure_features(volume, mask)[None], logits[0, 1] - logits[0, 0])[0])
         probs, basis = np.array([1.0 - p, p]), "image + mask measures"
     elif mask is None and "outline" in bundle.extra and len(probs) == 2:
-        from .nodule_outline import outline_answers
+        from .nodule_outline import outline_answers, outline_on_image
 
         image_logit = float(logits[0, 1] - logits[0, 0])
-        p, size = outline_answers(bundle.extra, _where(bundle), cube[None], [image_logit], dev)[0]
+        spec = NoduleInputSpec.from_dict(params or {})
+        p, size, found = outline_answers(bundle.extra, _where(bundle), cube[None], [image_logit], dev,
+                                         visible=visible_in_cube(low, high, spec)[None])[0]
+        outline = outline_on_image(volume, found, low, high, spec)
         if p is None:
             warnings.append("the learnt outline found no nodule in the box shown: the probability is the image's "
                             "alone (is the nodule at the ROI's centre?)")
@@ -409,4 +418,5 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
     return ClassificationResult(probabilities, predicted, box_centre, box_size, warnings,  # type: ignore[arg-type]
                                 diameter_mm=size.get("diameter_mm"), volume_ml=size.get("volume_ml"), basis=basis,
                                 image_probabilities=image_probabilities,
-                                size_from=("mask" if mask is not None else "learnt outline") if size else None)
+                                size_from=("mask" if mask is not None else "learnt outline") if size else None,
+                                outline=outline)

@@ -156,27 +156,58 @@ def outline_network(extra: Mapping[str, Any], where: str) -> torch.nn.Module:
     return net.eval()
 
 
+Answer = Tuple[Optional[float], Dict[str, float], np.ndarray]
+
+
 def outline_answers(extra: Mapping[str, Any], where: str, cubes: np.ndarray, image_logits: Sequence[float],
-                    device: torch.device) -> List[Tuple[Optional[float], Dict[str, float]]]:
-    """(malignant probability, outline size) per cube (N, 1, D, H, W) prepared as the bundle's
+                    device: torch.device, visible: Optional[np.ndarray] = None) -> List[Answer]:
+    """(malignant probability, outline size, outline) per cube (N, 1, D, H, W) prepared as the bundle's
     ``extra["nodule_input"]`` says, given the classifier's logits (malignant minus benign), as ``classify`` gives
-    them without a mask: ``(None, {})`` where the outline is empty. Size: equivalent-sphere diameter (mm) and
-    volume (mL) of the outline on the cube."""
+    them without a mask: ``(None, {}, outline)`` where the outline is empty. Size: equivalent-sphere diameter (mm)
+    and volume (mL) of the outline on the cube; outline: boolean (D, H, W) on the cube's grid, within ``visible``
+    (N, D, H, W; the box shown, ``nodules.visible_in_cube``) where given, so what is measured is what is shown."""
     from .nodule_measures import check_fusion
     from .nodule_size import measure_nodule
 
     record = check_fusion(extra["outline_fusion"], where)
     spec = NoduleInputSpec.from_dict(extra.get("nodule_input") or {})
-    answers: List[Tuple[Optional[float], Dict[str, float]]] = []
+    answers: List[Answer] = []
     outlines = outline_masks(outline_network(extra, where).to(device), cubes)
+    if visible is not None:
+        outlines = np.stack([central_component(f & v) for f, v in zip(outlines, visible)])
     for cube, found, logit in zip(cubes, outlines, image_logits):
         measures = cube_measures(cube, found, spec)
         if measures is None:
-            answers.append((None, {}))
+            answers.append((None, {}, found))
             continue
         p = float(fused_probability(record, measures[None], np.array([float(logit)]))[0])
-        answers.append((p, measure_nodule(cube_volume(cube, spec), found.astype(np.uint8))))
+        answers.append((p, measure_nodule(cube_volume(cube, spec), found.astype(np.uint8)), found))
     return answers
+
+
+def outline_on_image(volume: Volume, found: np.ndarray, low: np.ndarray, high: np.ndarray,
+                     spec: NoduleInputSpec) -> Volume:
+    """An outline found on the cube shown for the box (``low``, ``high``; LPS mm, as ``nodules.nodule_box`` gives
+    it) as a label map on ``volume``'s grid (uint8, 1 = nodule): each voxel inside the box takes the value of the
+    nearest cube voxel (the cube is axis-aligned in LPS, centred on the box; ``nodules.prepare_nodule``). Given
+    back to ``classify`` as a mask, it marks the same nodule."""
+    labels = np.zeros(volume.shape, np.uint8)
+    if np.any(found):
+        shape_ijk = np.array(volume.shape[::-1])
+        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+        ijk = volume.lps_to_ijk(corners)
+        first = np.clip(np.floor(ijk.min(axis=0)).astype(int), 0, shape_ijk - 1)
+        last = np.clip(np.ceil(ijk.max(axis=0)).astype(int), 0, shape_ijk - 1)
+        kk, jj, ii = np.meshgrid(*(np.arange(first[a], last[a] + 1) for a in (2, 1, 0)), indexing="ij")
+        index = np.stack([ii.ravel(), jj.ravel(), kk.ravel(), np.ones(ii.size)])
+        lps = (volume.ijk_to_lps() @ index)[:3].T
+        n, step = spec.cube, float(spec.spacing_mm)
+        cell = np.rint((lps - (low + high) / 2.0) / step + (n - 1) / 2.0).astype(int)  # cube index (x, y, z)
+        ok = np.all((lps >= low) & (lps <= high), axis=1) & np.all((cell >= 0) & (cell < n), axis=1)
+        values = np.zeros(len(lps), np.uint8)
+        values[ok] = found[cell[ok, 2], cell[ok, 1], cell[ok, 0]]
+        labels[first[2]:last[2] + 1, first[1]:last[1] + 1, first[0]:last[0] + 1] = values.reshape(kk.shape)
+    return volume.with_array(labels)
 
 
 def report_outline(reporter: Reporter, fitted: Mapping[str, Any]) -> None:

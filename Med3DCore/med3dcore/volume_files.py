@@ -35,6 +35,7 @@ FILE_FORMATS = {
 # Formats whose voxels live in a separate file next to the header, and the data file SimpleITK writes for them
 # (compressed, uncompressed).
 _DETACHED_SUFFIXES = {".nhdr": (".raw.gz", ".raw"), ".mhd": (".zraw", ".raw")}
+_ANALYZE_STEMS = (".hdr", ".img", ".hdr.gz", ".img.gz")  # NIfTI's two-file (Analyze) names
 _SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
 
 
@@ -308,6 +309,13 @@ def volume_outputs(path: PathLike, compress: bool = True) -> Tuple[Path, Tuple[s
     if suffix not in FILE_FORMATS:
         raise Med3DError(f"cannot write '{path.name}': choose a file name ending in "
                          f"{', '.join(FILE_FORMATS)}")
+    stem = path.name[: -len(suffix)]
+    # ITK's NIfTI writer strips these inner extensions and writes another file ('a.nii.gz.nii.gz' -> 'a.nii.gz')
+    inner = [e for e in (".nii", ".nii.gz") + _ANALYZE_STEMS if stem.lower().endswith(e)]
+    if FILE_FORMATS[suffix] == "NIfTI" and inner:
+        plain = stem[: -len(max(inner, key=len))] or "labels"
+        raise Med3DError(f"cannot write '{path.name}': the NIfTI writer would store it under another name; "
+                         f"drop the repeated extension (e.g. '{plain}{suffix}')")
     if suffix in _DETACHED_SUFFIXES:
         data = _DETACHED_SUFFIXES[suffix][0 if compress else 1]
         return path, (path.name[: -len(suffix)] + data,)

@@ -13,6 +13,9 @@ from med3dcore.errors import Med3DError
 from . import finetune_job, jobs, roi, runner, scene, training_export
 
 SEGMENTATION_TASKS = ("lung", "liver")
+# The learnt outline's one segment (SNOMED CT 27925004 "nodule"): yellow, apart from the lung presets' colours.
+OUTLINE_LABEL = {"value": 1, "name": "nodule outline (estimated)", "color": [230, 200, 40],
+                 "terminology": "SCT^27925004^Nodule"}
 
 
 def export_input(kind: str, volumeNode: Any) -> Tuple[str, str]:
@@ -101,19 +104,26 @@ def start_classify(volumeNode: Any, roiNode: Any, model: str, device: str = "aut
         raise
     marker = maskNode if maskNode is not None else roiNode
     nodeId, volumeName, tableName = volumeNode.GetID(), volumeNode.GetName(), f"{marker.GetName()} Med3D"
+    outline = os.path.join(folder, "outline.nrrd") if maskNode is None else None  # written if the model has one
 
     def load(job: jobs.InferenceJob) -> Dict[str, float]:
+        from med3dcore.volume_files import read_volume
+
         reference = still_there(nodeId, volumeName)
         table = tableNode or slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", tableName)
         scene.fill_result_table(table, job.state.result)
         scene.place_with(table, reference)
+        if job.state.result.get("outline"):  # the outline the size and probability came from, to check by eye
+            job.outline = scene.segmentation_from_labels(read_volume(outline), [OUTLINE_LABEL], reference,
+                                                         f"{marker.GetName()} outline (estimated)")
+            scene.place_with(job.outline, reference)
         if roiNode is not None:
             scene.remember_volume(roiNode, reference)
         job.table = table
         return {str(k): float(v) for k, v in dict(job.state.result.get("probabilities") or {}).items()}
 
     command = jobs.classify_command(runner.python_executable(), image, model, device, roiLPS,
-                                    str(mask) if mask else None)
+                                    str(mask) if mask else None, outline)
     return jobs.InferenceJob(command, folder, "nodule classification", load).start()
 
 

@@ -119,6 +119,7 @@ class InferenceJob(Job):
         self._load = load
         self.result: Any = None
         self.table: Any = None  # a classification's result table
+        self.outline: Any = None  # a classification's learnt nodule outline (segmentation node)
 
     @property
     def warnings(self) -> List[str]:
@@ -170,14 +171,18 @@ def segment_command(python: str, image: str, output: str, task: str, model: str,
 
 
 def classify_command(python: str, image: str, model: str, device: str = "auto",
-                     roi: Optional[Sequence[float]] = None, mask: Optional[str] = None) -> List[str]:
-    """``med3d classify`` for a background run; ``roi``: LPS centre then size (mm); ``mask``: a label map."""
+                     roi: Optional[Sequence[float]] = None, mask: Optional[str] = None,
+                     outline: Optional[str] = None) -> List[str]:
+    """``med3d classify`` for a background run; ``roi``: LPS centre then size (mm); ``mask``: a label map;
+    ``outline``: where the engine writes the nodule outline it estimates (models fine-tuned with masks)."""
     command = engine_command(python, "classify") + [image, "--model", model, "--device", device,
                                                     "--progress", "jsonl"]
     if roi is not None:
         command.append("--roi=" + ",".join(f"{float(v):.4f}" for v in roi))  # '=': the first may be negative
     if mask is not None:
         command += ["--mask", mask]
+    if outline is not None:
+        command += ["--outline", outline]
     return command
 
 

@@ -1,6 +1,7 @@
 """The learnt nodule outline (nodule_outline.py): what classify gives with an ROI alone when the bundle holds one."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,12 +14,14 @@ from med3dcore.cli import main
 from med3dcore.infer import classify
 from med3dcore.nodule_evaluation import patient_digest
 from med3dcore.nodule_measures import MEASURE_NAMES, measure_features
-from med3dcore.nodule_outline import OUTLINE_ARCHITECTURE, central_component, cube_measures
-from med3dcore.nodules import NoduleInputSpec, read_nodule_table
+from med3dcore.nodule_outline import OUTLINE_ARCHITECTURE, central_component, cube_measures, dice, outline_on_image
+from med3dcore.nodule_size import measure_nodule
+from med3dcore.nodules import NoduleInputSpec, nodule_box, read_nodule_table, visible_in_cube
 from med3dcore.volume import Volume
 from med3dcore.volume_files import read_volume
 
 from test_finetune import _nodule_table
+from test_infer import classification_bundle
 
 SPEC = NoduleInputSpec(cube=16, spacing_mm=2.0)
 
@@ -47,6 +50,33 @@ def test_cube_measures_restore_hu_on_the_cube_grid():
     np.testing.assert_allclose(measures, expected, rtol=1e-5, atol=1e-3)
     assert len(measures) == len(MEASURE_NAMES)
     assert cube_measures(cube, np.zeros_like(ball), SPEC) is None
+
+
+def test_an_outline_on_the_cube_lands_on_the_image_where_the_cube_was_cut():
+    """Cube (axis-aligned in LPS, 2 mm) -> an image with its own spacing, origin and flipped axes: a ball on the
+    cube lands at the same LPS place, only inside the box shown, with about the same volume."""
+    image = Volume(np.zeros((30, 40, 50), np.int16), (0.8, 0.7, 1.5), (30.0, -12.0, 5.0),
+                   np.diag([-1.0, -1.0, 1.0]))
+    centre_ijk = np.array([20.0, 15.0, 12.0])  # i, j, k
+    centre = (image.ijk_to_lps() @ np.append(centre_ijk, 1.0))[:3]
+    size = np.array([13.0, 13.0, 13.0])
+    low, high = nodule_box(image, center_lps=centre, size_mm=size, params=SPEC)
+    grid = np.indices((16, 16, 16)) - 7.5
+    ball = (grid ** 2).sum(0) <= 2.6 ** 2  # radius 5.2 mm on the 2 mm cube
+    outline = outline_on_image(image, ball, low, high, SPEC)
+    assert outline.same_geometry(image) and outline.array.dtype == np.uint8
+    ijk = np.argwhere(outline.array > 0)[:, ::-1].astype(float)
+    lps = (image.ijk_to_lps() @ np.column_stack([ijk, np.ones(len(ijk))]).T)[:3].T
+    np.testing.assert_allclose(lps.mean(axis=0), centre, atol=0.5)
+    assert measure_nodule(image, outline)["volume_ml"] == pytest.approx(ball.sum() * 8 / 1000, rel=0.15)
+    # a cube filled everywhere marks exactly the image voxels inside the box, and the cube voxels inside it
+    full = outline_on_image(image, np.ones((16, 16, 16), bool), low, high, SPEC).array > 0
+    ijk = np.argwhere(np.ones(image.shape, bool))[:, ::-1].astype(float)
+    lps = (image.ijk_to_lps() @ np.column_stack([ijk, np.ones(len(ijk))]).T)[:3].T
+    inside = np.all((lps >= low) & (lps <= high), axis=1).reshape(image.shape)
+    np.testing.assert_array_equal(full, inside)
+    assert visible_in_cube(low, high, SPEC).sum() == 6 ** 3  # 2 mm cube voxel centres (odd mm) in a 13 mm box
+    assert not outline_on_image(image, np.zeros((16, 16, 16), bool), low, high, SPEC).array.any()
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +116,22 @@ def test_a_run_with_masks_stores_an_outline_that_classify_uses_without_a_mask(ou
         assert by_roi.probabilities["malignant"] == pytest.approx(expected, abs=1e-5)
         assert by_roi.image_probabilities == pytest.approx(by_mask.image_probabilities, abs=1e-6)
         # the outline's size estimates the mask's (2 mm cube voxels against the crop's finer ones)
-        assert by_mask.size_from == "mask"
+        assert by_mask.size_from == "mask" and by_mask.outline is None
         assert by_roi.diameter_mm == pytest.approx(by_mask.diameter_mm, rel=0.35)
+        # the outline itself, on the image's grid: where the mask is, inside the box shown, the size it measures
+        outline = by_roi.outline
+        assert outline.same_geometry(image) and outline.array.dtype == np.uint8
+        assert set(np.unique(outline.array)) <= {0, 1}
+        assert dice(outline.array > 0, mask.array > 0) >= 0.5
+        ijk = np.argwhere(outline.array > 0)[:, ::-1]
+        lps = (image.ijk_to_lps() @ np.column_stack([ijk, np.ones(len(ijk))]).T)[:3].T
+        low = np.asarray(by_roi.roi_center_lps) - np.asarray(by_roi.roi_size_mm) / 2
+        assert np.all(lps >= low - 1e-6) and np.all(lps <= low + np.asarray(by_roi.roi_size_mm) + 1e-6)
+        on_image = measure_nodule(image, outline)
+        assert on_image["volume_ml"] == pytest.approx(by_roi.volume_ml, rel=0.35)
+        # given back as a mask it marks the same nodule
+        again = classify(image, bundle, mask=outline, device="cpu")
+        assert again.size_from == "mask" and again.diameter_mm == pytest.approx(on_image["diameter_mm"])
 
 
 def test_the_cli_says_the_size_is_an_estimate(outlined, capsys):
@@ -100,6 +144,38 @@ def test_the_cli_says_the_size_is_an_estimate(outlined, capsys):
     assert "a nodule outline network (classify without a mask)" in capsys.readouterr().out
 
 
+def test_the_cli_writes_the_outline_it_estimates(outlined, tmp_path, capsys):
+    case, model = outlined["cases"][0], str(outlined["result"]["bundle"])
+    out = tmp_path / "outline.nii.gz"
+    assert main(["classify", case.image, "--model", model, "--device", "cpu", "--outline", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    written = read_volume(out)
+    assert result["outline"] == str(out) and written.same_geometry(read_volume(case.image))
+    expected = classify(read_volume(case.image), outlined["bundle"], device="cpu").outline.array
+    np.testing.assert_array_equal(written.array, expected)
+    before = out.read_bytes()
+    refusals = [(["--outline", str(out)], "already exists"),
+                (["--outline", str(out), "--mask", case.mask, "--overwrite"], "with --mask, the mask is the outline"),
+                (["--outline", str(tmp_path / "o.nii.gz.nii.gz")], "drop the repeated extension"),
+                (["--outline", case.image, "--overwrite"], "--outline names the input scan")]
+    for args, text in refusals:
+        assert main(["classify", case.image, "--model", model, "--device", "cpu", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and text in err[0] and "Traceback" not in err[0], err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["outline.nii.gz"]
+    assert main(["classify", case.image, "--model", model, "--device", "cpu", "--outline", str(out),
+                 "--overwrite"]) == 0
+    assert "learnt outline written to" in capsys.readouterr().out
+    # a model without an outline network says so and writes nothing
+    plain, missing = classification_bundle(tmp_path / "plain.pt"), tmp_path / "none.nrrd"
+    assert main(["classify", case.image, "--model", str(plain), "--device", "cpu", "--outline", str(missing)]) == 0
+    assert "no outline written to" in capsys.readouterr().out and not missing.exists()
+    assert main(["classify", case.image, "--model", str(plain), "--device", "cpu", "--outline", str(missing),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["outline"] is None and result["warnings"] == [] and not missing.exists()
+
+
 def test_an_empty_outline_leaves_the_image_answer_with_a_warning(outlined):
     bundle = outlined["bundle"]
     state = dict(bundle.extra["outline"]["state_dict"])
@@ -110,6 +186,7 @@ def test_an_empty_outline_leaves_the_image_answer_with_a_warning(outlined):
     result = classify(read_volume(case.image), bundle, device="cpu")
     assert result.basis == "image" and result.probabilities == result.image_probabilities
     assert result.diameter_mm is None and result.size_from is None
+    assert result.outline.same_geometry(read_volume(case.image)) and not result.outline.array.any()
     assert any("the learnt outline found no nodule" in w for w in result.warnings)
 
 

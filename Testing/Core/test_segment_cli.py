@@ -62,6 +62,24 @@ def test_segment_jsonl_result_and_refusals(setup, capsys):
     assert main(["segment", str(scan), str(folder / "y.nrrd"), "--model", str(model), "--tile", "4,4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("med3d segment: error: --tile must be") and err.count("\n") == 1
+    for bad in ("0", "9", "two"):
+        assert main(["segment", str(scan), str(folder / "z.nrrd"), "--model", str(model), "--passes", bad]) == 2
+        err = capsys.readouterr().err
+        assert err == f"med3d segment: error: --passes must be 'auto' or a whole number from 1 to 8, got '{bad}'\n"
+    assert not (folder / "z.nrrd").exists()
+    # ITK's NIfTI writer would write 'twice.nii.gz' for this name: refused before any work, nothing written
+    before = sorted(folder.iterdir())
+    assert main(["segment", str(scan), str(folder / "twice.nii.gz.nii.gz"), "--model", str(model)]) == 2
+    assert capsys.readouterr().err == ("med3d segment: error: cannot write 'twice.nii.gz.nii.gz': the NIfTI writer "
+                                       "would store it under another name; drop the repeated extension (e.g. "
+                                       "'twice.nii.gz')\n")
+    assert sorted(folder.iterdir()) == before
+    two = folder / "two.nrrd"
+    assert main(["segment", str(scan), str(two), "--model", str(model), "--progress", "jsonl", "--passes", "2",
+                 "--precision", "fp32"]) == 0
+    messages = [json.loads(line).get("message", "") for line in capsys.readouterr().out.splitlines()]
+    assert "lung: precision fp32; 2 passes at shifted grid alignments, averaged" in messages
+    np.testing.assert_array_equal(read_volume(two).array, read_volume(out).array)  # labels everything either way
 
 
 def test_segment_finds_model_in_models_folder(setup, tmp_path, monkeypatch, capsys):

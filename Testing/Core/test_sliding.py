@@ -8,7 +8,7 @@ from torch import nn
 from med3dcore.errors import Med3DError
 from med3dcore.progress import make_event
 from med3dcore.sliding import (TILE_VOXELS, choose_tile, effective_tile, importance_map, make_predictor,
-                               sliding_window, tile_starts)
+                               pass_shifts, resolve_passes, sliding_window, tile_starts)
 
 torch.set_num_threads(2)
 
@@ -184,6 +184,70 @@ def test_progress_events_one_per_batch():
                    reporter=events.append, stage="lung")
     assert [e["step"] for e in events] == [0, 1, 2, 3]  # step 0: the bar shows before the first tile
     assert events[-1] == make_event("lung", 3, 3, unit="tile")
+
+
+def test_pass_shifts_spread_over_the_stride():
+    assert pass_shifts(1, 8) == [0] and pass_shifts(1, 1) == [0]
+    assert pass_shifts(2, 8) == [0, 4]
+    assert pass_shifts(4, 8) == [0, 2, 4, 6]
+    assert pass_shifts(3, 8) == [0, 2, 5]
+    for bad, message in ((0, "at least 1"), (True, "whole number"), (2.0, "whole number"), (9, "stride of at least 9")):
+        with pytest.raises(Med3DError, match=message):
+            pass_shifts(bad, 8)
+
+
+def test_auto_passes_follow_the_precision():
+    assert resolve_passes("auto", "bf16") == 2 and resolve_passes("auto", "amp") == 2
+    assert resolve_passes("auto", "fp32") == 1
+    assert resolve_passes(3, "fp32") == 3
+    for bad in ("two", 0, 9, 1.5, None):
+        with pytest.raises(Med3DError, match="passes must be 'auto' or a whole number from 1 to 8"):
+            resolve_passes(bad, "bf16")
+
+
+def _grid_phase(batch):
+    """A network that is not shift invariant: 1 where the tile's K index is a multiple of 8, else 0."""
+    k = torch.arange(batch.shape[2])
+    return (k % 8 == 0).float().view(1, 1, -1, 1, 1).expand(batch.shape[0], 1, -1, *batch.shape[3:]).clone()
+
+
+@pytest.mark.parametrize("tile", [None, "auto"])  # one tile per pass: its grid starts at the pass's first voxel
+def test_passes_average_the_network_at_shifted_grids(tile):
+    image = torch.randn(1, 21, 13, 18)
+    one = sliding_window(_grid_phase, image, tile=tile, overlap=0.0, blend="constant", multiple=8)
+    two = sliding_window(_grid_phase, image, tile=tile, overlap=0.0, blend="constant", multiple=8, passes=2)
+    k = torch.arange(21).view(-1, 1, 1).float()
+    assert torch.equal(one[0], (k % 8 == 0).float().expand(21, 13, 18))
+    # the second pass starts 4 voxels in: voxel k lands on its grid index k - 4; voxels it cut off (k, j or i
+    # below 4) keep the first pass alone
+    both = 0.5 * ((k % 8 == 0).float() + ((k - 4) % 8 == 0).float())
+    expected = both.expand(21, 13, 18).clone()
+    expected[:, :4] = one[0, :, :4]
+    expected[:, :, :4] = one[0, :, :, :4]
+    expected[:4] = one[0, :4]
+    assert two.shape == (1, 21, 13, 18) and torch.equal(two[0], expected)
+    # a shift-invariant network gives the same output in any number of passes
+    assert torch.allclose(sliding_window(_identity, image, tile=tile, multiple=8, passes=4), image, atol=1e-5)
+
+
+def test_later_passes_start_inside_at_the_same_cost_and_report_every_tile():
+    seen, events = [], []
+
+    def predict(batch):
+        seen.append(batch.clone())
+        return batch
+
+    image = torch.arange(16.0 ** 3).view(1, 16, 16, 16)
+    out = sliding_window(predict, image, tile=(8, 8, 8), overlap=0.0, multiple=8, pad_value=-7.0, passes=2,
+                         reporter=events.append, stage="lung")
+    assert torch.allclose(out, image)
+    # pass 1: 2x2x2 tiles; pass 2: the volume from voxel 4 on (12^3), tiles starting at 0 and 4 (flush): 2x2x2
+    assert len(seen) == 16 and all(t.shape == (1, 1, 8, 8, 8) for t in seen)
+    assert torch.equal(seen[8][0], image[:, 4:12, 4:12, 4:12]) and torch.equal(seen[15][0], image[:, 8:, 8:, 8:])
+    assert [e["step"] for e in events] == list(range(17)) and events[-1] == make_event("lung", 16, 16, unit="tile")
+    # a volume thinner than the shift along an axis is not cut along it
+    thin = torch.randn(1, 3, 16, 16)
+    assert torch.allclose(sliding_window(_identity, thin, multiple=8, passes=2), thin, atol=1e-6)
 
 
 def test_bad_arguments_are_clear():

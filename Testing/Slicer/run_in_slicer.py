@@ -14,7 +14,8 @@ the PyTorch extension, and use the panel as a user would:
    sample asks to install PyTorch, nibabel and scikit-image (answered here, and checked that it was asked),
    installs them, segments the lungs in a background PythonSlicer while the event loop runs, and loads named,
    coloured segments whose terminology Slicer's own Terminologies logic accepts;
-3. one nodule classification from the panel, with a tiny constant-output model made here, into a table;
+3. one nodule classification from the panel, with a tiny constant-output model made here, into a table,
+   and the model's learnt outline shown as a segmentation;
 4. one tiny fine-tuning run from the panel on two small cases in the scene; the new model is then listed.
 """
 from __future__ import annotations
@@ -48,24 +49,18 @@ def run_events(until, timeout: float, what: str) -> None:
 
 
 def make_nodule_model(folder: Path) -> None:
-    """A real ResNet-10 classifier whose last layer outputs logits (0, log 3): P(malignant) = 0.75 exactly."""
-    import torch
+    """A real ResNet-10 classifier whose last layer outputs logits (0, log 3): P(malignant) = 0.75 exactly, with a
+    learnt nodule outline that marks the whole box shown (Testing/Slicer/bundles.py)."""
+    import importlib.util
 
-    from med3dcore.nets import build_model
-    from med3dcore.bundles import save_bundle
-
-    torch.manual_seed(0)
-    architecture = {"backbone": {"depth": 10, "shortcut_type": "B", "preact": False},
-                    "head": {"type": "classifier", "num_classes": 2}}
-    net = build_model(architecture)
-    last = [m for m in net.head.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
-    save_bundle(folder / "nodule-test.pt", net, architecture=architecture,
-                task={"type": "classification", "name": "nodule"},
-                labels=[{"value": 0, "name": "benign"}, {"value": 1, "name": "malignant"}], preprocessing={},
-                provenance={"data": "constant-output test bundle"}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
+    # The module's tests' own bundle maker, loaded from its file: the engine is found by the module itself.
+    spec = importlib.util.spec_from_file_location("med3d_test_bundles", Path(__file__).resolve().parent / "bundles.py")
+    bundles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundles)
+    bundles.constant_output_bundle(folder / "nodule-test.pt", {"type": "classifier", "num_classes": 2},
+                                   [0.0, math.log(3.0)], {"type": "classification", "name": "nodule"},
+                                   bundles.NODULE_LABELS, preprocessing={},
+                                   extra=bundles.outline_extra({"cube": 16, "spacing_mm": 2.0}))
 
 
 def choose(combo, text: str) -> None:
@@ -152,6 +147,11 @@ def _run_checks(work: Path) -> None:
     check(ui.resultsLabel.text.startswith("benign: 0.25  malignant: 0.75"), f"classification: {ui.resultsLabel.text}")
     (table,) = slicer.mrmlScene.GetNodesByClass("vtkMRMLTableNode")
     check(table.GetTable().GetNumberOfRows() >= 5, "the result table is incomplete")
+    outline = slicer.util.getNode("Nodule 1 malignant outline (estimated)")  # the learnt outline, to check by eye
+    parts = outline.GetSegmentation()
+    check(parts.GetNumberOfSegments() == 1, f"the outline has {parts.GetNumberOfSegments()} segments")
+    check(slicer.util.arrayFromSegmentBinaryLabelmap(outline, parts.GetNthSegmentID(0), volume).any(),
+          "the learnt outline is empty")
     print("Med3D: nodule classification passed")
 
     # Two small cases (a downsampled copy of the sample with a stand-in lung mask) checked in the panel.

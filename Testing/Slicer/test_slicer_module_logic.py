@@ -17,7 +17,7 @@ import torch
 import vtk
 
 from Med3DLib import geometry, segments
-from bundles import LUNG_LABELS, NODULE_LABELS, constant_output_bundle
+from bundles import LUNG_LABELS, NODULE_LABELS, constant_output_bundle, outline_extra
 from med3dcore.classical_lung import inside_body
 from med3dcore.errors import Med3DError
 from med3dcore.phantoms import make_ct_phantom, store_as
@@ -40,6 +40,9 @@ def model_folder(tmp_path_factory) -> Path:
     constant_output_bundle(folder / "nodule-3to1.pt", {"type": "classifier", "num_classes": 2},
                            [0.0, math.log(3.0)], {"type": "classification", "name": "nodule"},
                            NODULE_LABELS, preprocessing={}, extra={"nodule_input": {"cube": 16, "spacing_mm": 2.0}})
+    constant_output_bundle(folder / "nodule-outline.pt", {"type": "classifier", "num_classes": 2},
+                           [0.0, math.log(3.0)], {"type": "classification", "name": "nodule"},
+                           NODULE_LABELS, preprocessing={}, extra=outline_extra({"cube": 16, "spacing_mm": 2.0}))
     return folder
 
 
@@ -314,6 +317,39 @@ def test_classify_with_a_mask_uses_the_masked_nodule(env, data_dir) -> None:
     # The nodule's measured size: 144 voxels of 2 mm^3, and the sphere of that volume.
     assert float(rows["volume (mL)"]) == pytest.approx(0.288)
     assert float(rows["diameter (mm)"]) == pytest.approx((6 * 288 / np.pi) ** (1 / 3), rel=1e-5)
+
+
+def test_classify_with_an_roi_shows_the_learnt_outline(env, model_folder) -> None:
+    """A model fine-tuned with masks estimates the nodule's outline from the ROI alone (nodule_outline.py); the
+    module shows it as a segment to check. This model's outline marks the whole cube it was shown."""
+    slicer, _, logic = env
+    node = add_volume(slicer, Volume(np.full((20, 30, 30), -700, np.int16), spacing=(1.0, 1.0, 2.0)))
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Nodule 2")
+    roi_node.SetCenter(geometry.ijk_to_ras(scene_matrix(node), [[15, 15, 10]])[0])
+    roi_node.SetSize(10, 10, 10)
+    probabilities = logic.classifyNodule(node, roi_node, model=str(model_folder / "nodule-outline.pt"), device="cpu")
+    assert probabilities == pytest.approx({"benign": 0.25, "malignant": 0.75})  # the fusion gives the image's own
+    table = logic.lastResultTable.GetTable()
+    rows = {table.GetValue(r, 0).ToString(): table.GetValue(r, 1).ToString() for r in range(table.GetNumberOfRows())}
+    assert rows["probability from"] == "image + learnt outline measures"
+    assert rows["size from"] == "learnt outline (an estimate)"
+    outline = logic.lastOutline
+    assert outline.GetName() == "Nodule 2 outline (estimated)"
+    segmentation = outline.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    assert segmentation.GetSegment(segmentation.GetNthSegmentID(0)).GetName() == "nodule outline (estimated)"
+    # every voxel centre inside the 10 mm box: I and J 10 voxels of 1 mm, K 5 slices of 2 mm (10.0 +- 2.5)
+    expected = np.zeros((20, 30, 30), bool)
+    expected[8:13, 10:21, 10:21] = True
+    np.testing.assert_array_equal(segment_world_mask(slicer, outline, "nodule outline (estimated)", node), expected)
+    # the size is measured on the cube: 6 of its 2 mm voxels per axis have their centres in the 10 mm box
+    assert float(rows["volume (mL)"]) == pytest.approx(6 ** 3 * 8 / 1000)
+    # with a mask there is no outline to estimate: the mask is the outline
+    labels = expected.astype(np.uint8)
+    mask = logic.segmentationFromLabels(logic.volumeFromNode(node).with_array(labels), [{"value": 1, "name": "n"}],
+                                        node, "nodule mask")
+    logic.classifyNodule(node, maskNode=mask, model=str(model_folder / "nodule-outline.pt"), device="cpu")
+    assert logic.lastOutline is None
 
 
 def test_classify_refuses_bad_rois_before_loading_a_model(env) -> None:

@@ -73,7 +73,7 @@ def main() -> None:
     from med3dcore import infer
     from med3dcore.devices import describe_precision, resolve_device, resolve_precision
     from med3dcore.preprocess import PreprocessSpec, preprocess_image, restore_class_map
-    from med3dcore.sliding import make_predictor, sliding_window
+    from med3dcore.sliding import make_predictor, resolve_passes, sliding_window
     from med3dcore.volume_files import read_volume, write_volume
     from med3dcore.bundles import model_from_bundle
     from med3dcore.clean_up import clean_up
@@ -82,7 +82,8 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     print(machine_line(torch))
-    print(f"model {model}; precision {describe_precision(precision, device)}; imports: "
+    print(f"model {model}; precision {describe_precision(precision, device)}, passes "
+          f"{resolve_passes('auto', precision)}; imports: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in imports.items()))
     tmp = Path(tempfile.mkdtemp(prefix="bench_lung_e2e_"))
 
@@ -113,7 +114,8 @@ def main() -> None:
         predict = make_predictor(net, device, precision)
         probs = sliding_window(predict, torch.from_numpy(array)[None], tile=infer.DEFAULT_TILE,
                                overlap=infer.DEFAULT_OVERLAP, multiple=infer.OUTPUT_STRIDE,
-                               pad_value=float(array.min()), device=device)
+                               pad_value=float(array.min()), device=device,
+                               passes=resolve_passes("auto", precision))
         stages["network"].append(time.perf_counter() - t)
         t = time.perf_counter()
         classes = restore_class_map(probs.numpy(), prepared)

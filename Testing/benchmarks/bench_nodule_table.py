@@ -150,10 +150,11 @@ def main() -> int:
         s = summarise(p, labels, patients, args.resamples)
         f = per_fold_mean(p, labels, folds)
         diff = "-" if p is reference else fmt(paired_auc_difference(p, reference, labels, patients, args.resamples))
-        # an image-alone row against the first run's image-alone row, when that run has one
-        peer = f"{first}{ALONE}" if name.endswith(ALONE) and f"{first}{ALONE}" in rows else first
-        versus = "-" if first is None or name in (first, f"{first}{ALONE}", *BASELINES) or "stacked" in name \
-            else fmt(paired_auc_difference(p, rows[peer], labels, patients, args.resamples))
+        # an image-alone or ROI-only row against the first run's row of the same kind, when that run has one
+        kind = next((suffix for suffix in (ALONE, OUTLINE) if name.endswith(suffix)), "")
+        peer = f"{first}{kind}" if kind and f"{first}{kind}" in rows else first
+        versus = "-" if first is None or name in (first, f"{first}{ALONE}", f"{first}{OUTLINE}", *BASELINES) \
+            or "stacked" in name else fmt(paired_auc_difference(p, rows[peer], labels, patients, args.resamples))
         print(f"| {name} | {fmt(s['AUC'])} | {fmt(s['accuracy'])} | {fmt(s['sensitivity at 90% specificity'])} "
               f"| {fmt(s['Brier score'])} | {fmt(s['ECE'])} | {f['AUC']:.3f} +- {f['AUC_sd']:.3f}, {f['accuracy']:.3f} +- "
               f"{f['accuracy_sd']:.3f} | {diff} | {versus} |")

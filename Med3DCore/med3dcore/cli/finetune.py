@@ -98,7 +98,7 @@ def add_parser(subparsers: Any) -> None:
                             "none; on the LIDC crops it was within noise, see Testing/benchmarks/RESULTS.md)")
     train.add_argument("--outline-steps", type=int,
                        help="nodule: steps of the nodule outline network that classify uses without a mask, trained "
-                            "when every case has a mask (default: --steps; 0: none)")
+                            "when every case has a mask (default: 3 x --steps; 0: none)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N")
     train.add_argument("--amp", default="auto", choices=AMP_MODES,

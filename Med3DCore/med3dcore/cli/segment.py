@@ -30,6 +30,17 @@ def _tile(text: str) -> Union[str, Tuple[int, int, int], None]:
     return values  # type: ignore[return-value]
 
 
+def _passes(text: str) -> Union[str, int]:
+    """'auto' or a whole number of tilings at shifted grid alignments (sliding.resolve_passes)."""
+    from ..sliding import MAX_PASSES
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    if text.strip().isdigit() and 1 <= int(text) <= MAX_PASSES:
+        return int(text)
+    raise Med3DError(f"--passes must be 'auto' or a whole number from 1 to {MAX_PASSES}, got {text!r}")
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "segment", help="segment a CT (lung, two-stage liver, or any segmentation model)",
@@ -53,6 +64,9 @@ def add_parser(subparsers: Any) -> None:
                         "the whole volume when it fits about 2.5 million voxels, else the fewest tiles within that)")
     p.add_argument("--overlap", type=float, default=None, help="fraction tiles overlap (default 0.1)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default 1)")
+    p.add_argument("--passes", default="auto",
+                   help="how many times to run the network with its grid shifted (by up to its 8-voxel stride) "
+                        "and average: 1-8 or auto (default: 2 with bf16 or amp, where the network is fast, else 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default: float16 mixed precision on CUDA, bf16 on CPUs with native bfloat16 "
                         "(AVX512_BF16 or AMX), fp32 elsewhere), fp32, bf16, or amp (CUDA only)")
@@ -81,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     from ..volume_files import FILE_FORMATS, read_volume, stage_volume, volume_outputs
 
     reporter = make_reporter(args.progress)
+    options = {"overlap": args.overlap, "batch_size": args.batch_size, "precision": args.precision,
+               "passes": _passes(args.passes), "keep_largest": not args.no_clean_up}
+    if args.tile is not None:
+        options["tile"] = _tile(args.tile)
     output = Path(args.output)
     if os.path.realpath(output) == os.path.realpath(args.input):  # realpath: a link loop is reported below
         raise Med3DError("OUTPUT is the input scan; write the label map to another file")
@@ -104,10 +122,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"med3d segment: {line}", file=sys.stderr)
         reporter(make_event("segment", kind="message", message=line))
     image = read_volume(args.input, series_uid=args.series_uid)
-    options = {"overlap": args.overlap, "batch_size": args.batch_size, "precision": args.precision,
-               "keep_largest": not args.no_clean_up}
-    if args.tile is not None:
-        options["tile"] = _tile(args.tile)
     result = segment(image, bundle, task=args.task, device=args.device, reporter=reporter, method=method, **options)
     with outputs:
         written = stage_volume(outputs, result.labels, output)
