@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -22,6 +21,7 @@ from .bundles import Bundle, load_bundle, model_from_bundle
 from .clean_up import clean_up, keep_largest_components
 from .devices import describe_precision, resolve_device, resolve_precision
 from .errors import Med3DError
+from .model_choice import ModelLike, choose_method
 from .nets.model import Med3DNet, build_model
 from .nodule_size import measure_nodule
 from .nodules import NoduleInputSpec, nodule_box, prepare_nodule, visible_in_cube
@@ -31,19 +31,13 @@ from .safe_io import regular_file
 from .sliding import make_predictor, resolve_passes, sliding_window
 from .volume import Volume, smallest_label_dtype
 
-ModelLike = Union[str, "os.PathLike[str]", Bundle]
-
-# How segment() finds the labels: "model" a Med3D bundle; "classical" the weight-free lung method
-# (classical_lung.py); "auto" the given model, else the task's model in the models folder, else classical (lung).
-METHODS = ("auto", "model", "classical")
-CLASSICAL_TASKS = ("lung",)
-
 # Default tile: "auto" (sliding.choose_tile) = the whole preprocessed volume when it fits the voxel budget
 # (sliding.TILE_VOXELS), else the fewest, smallest tiles within it. The network is fully convolutional, so a few
 # large tiles with little overlap waste the least work.
 DEFAULT_TILE = "auto"
 DEFAULT_OVERLAP = 0.1
 OUTPUT_STRIDE = 8  # MedicalNet encoders downsample by 8; tiles are multiples of it
+
 
 @dataclass
 class SegmentationResult:
@@ -94,53 +88,6 @@ def load_model(model: ModelLike) -> Bundle:
     # os.stat before any open: a folder, a FIFO, a device or a link loop is one clear line, never a blocked read.
     regular_file(model, "model file", folder_hint="give the model file (.pt) inside it")
     return load_bundle(model)
-
-
-def find_task_model(task: str) -> Optional[Path]:
-    """The one segmentation model for ``task`` in the models folder (``catalog.models_dir()``), None when there is
-    none; several are a Med3DError (the user must choose)."""
-    from .bundles import list_models
-    from .catalog import models_dir
-
-    folder = models_dir()
-    found = [m for m in list_models(folder)
-             if m.error is None and m.task.get("type") == "segmentation" and m.task.get("name") == task]
-    if len(found) > 1:
-        names = ", ".join(m.path.name for m in found)
-        raise Med3DError(f"several '{task}' models in {folder} ({names}); choose one with --model")
-    return found[0].path if found else None
-
-
-def choose_method(model: Optional[ModelLike], task: Optional[str], method: str = "auto"
-                  ) -> Tuple[str, Optional[ModelLike]]:
-    """("model", the model or the task's model from the models folder) or ("classical", None), as
-    :func:`segment` decides for ``method`` (see :data:`METHODS`); a combination that cannot work is a Med3DError
-    saying what to give instead."""
-    from .catalog import models_dir
-
-    if method not in METHODS:
-        raise Med3DError(f"unknown segmentation method {method!r}; choose {', '.join(METHODS)}")
-    if method == "classical":
-        if task is not None and task not in CLASSICAL_TASKS:
-            raise Med3DError(f"the classical method segments lungs only, not '{task}'; use --task lung, or "
-                             f"--method model with a '{task}' model")
-        if model is not None:
-            raise Med3DError("--method classical uses no model; leave out --model, or use --method model")
-        return "classical", None
-    if model is not None:
-        return "model", model
-    found = find_task_model(task) if task else None
-    if found is not None:
-        return "model", found
-    if method == "auto" and task in CLASSICAL_TASKS:
-        return "classical", None
-    if not task:
-        raise Med3DError("give a model (--model FILE), or a task (--task lung, liver, ...) to use a model from the "
-                         "models folder")
-    hint = "; or use --method classical (no weights)" if task in CLASSICAL_TASKS else ""
-    raise Med3DError(f"no --model given and no '{task}' segmentation model in {models_dir()} (set MED3D_MODELS to "
-                     f"use another folder); make one with `med3d finetune --task {task} ...` and pass --model FILE "
-                     f"or copy the .pt file there{hint}")
 
 
 def _where(bundle: Bundle) -> str:
@@ -285,7 +232,7 @@ def segment(volume: Volume, model: Optional[ModelLike] = None, task: Optional[st
 
     ``method``: ``"model"``, ``"classical"`` (lungs: labels 1 right lung, 2 left lung; see ``classical_lung.py``)
     or ``"auto"`` (the given model, else the ``task`` model in the models folder, else classical for lungs);
-    :func:`choose_method` says what it picks. ``task`` (e.g. ``"lung"``, ``"liver"``), when given, must be the
+    ``model_choice.choose_method`` says what it picks. ``task`` (e.g. ``"lung"``, ``"liver"``), when given, must be the
     bundle's task. A bundle with a coarse stage (``extra["coarse"]``, the liver model) runs both stages.
     ``options``: ``tile`` (K, J, I voxels, None = whole volume, ``"auto"`` = the whole volume when it fits the voxel
     budget, else the fewest tiles within it), ``overlap``, ``batch_size``, ``precision`` (auto/fp32/bf16/amp; auto =

@@ -164,8 +164,8 @@ def sliding_window(predict: Predictor, image: Union[torch.Tensor, np.ndarray], t
     accumulated on ``out_device`` (CPU by default, which keeps GPU memory to one batch). ``passes`` > 1 repeats
     the tiling on the volume less its first :func:`pass_shifts` voxels along every axis (the network's grid then
     falls elsewhere) and averages the passes voxel by voxel (the voxels cut off keep the passes that saw them).
-    Progress goes to ``reporter`` as ``stage`` events (``unit`` ``"tile"``): step 0
-    before the first batch, then one per batch of every pass.
+    Progress goes to ``reporter`` as ``stage`` events (``unit`` ``"tile"``): step 0 before the first batch, then
+    one per batch of every pass.
     """
     if not 0.0 <= overlap < 1.0:
         raise Med3DError(f"overlap must be in [0, 1), got {overlap}; 0.25 is a common choice")

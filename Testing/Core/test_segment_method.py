@@ -11,6 +11,7 @@ from med3dcore import infer
 from med3dcore.bundles import save_bundle
 from med3dcore.cli import main
 from med3dcore.errors import Med3DError
+from med3dcore.model_choice import choose_method
 from med3dcore.preprocess import PreprocessSpec
 from med3dcore.pseudo_labels import SYNTHETIC_MODEL_WARNING
 from med3dcore.volume_files import read_volume
@@ -51,10 +52,10 @@ def test_classical_through_segment(abdomen, no_models):
 
 def test_auto_prefers_a_model_and_errors_say_what_to_do(abdomen, no_models, tmp_path):
     model = lung_bundle(no_models / "lung.pt", {"domain": "mine", "label_sources": {"a": "real"}})
-    assert infer.choose_method(None, "lung") == ("model", model)
+    assert choose_method(None, "lung") == ("model", model)
     result = infer.segment(abdomen, task="lung")
     assert result.method == "model" and result.label_info[0]["name"] == "lung" and result.warnings == []
-    assert infer.choose_method(None, "lung", "classical") == ("classical", None)
+    assert choose_method(None, "lung", "classical") == ("classical", None)
     model.unlink()
     with pytest.raises(Med3DError, match="no --model given and no 'liver' segmentation model"):
         infer.segment(abdomen, task="liver")

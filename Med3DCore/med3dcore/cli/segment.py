@@ -89,7 +89,8 @@ def _check_output(outputs: Any, path: Path, what: str, companions: Tuple[str, ..
 
 def run(args: argparse.Namespace) -> int:
     from ..classical_lung import LUNG_WINDOW
-    from ..infer import choose_method, load_model, segment
+    from ..infer import load_model, segment
+    from ..model_choice import choose_method
     from ..preprocess import PreprocessSpec
     from ..safe_io import Outputs
     from ..volume_files import FILE_FORMATS, read_volume, stage_volume, volume_outputs
