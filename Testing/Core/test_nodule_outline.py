@@ -21,7 +21,7 @@ from med3dcore.volume import Volume
 from med3dcore.volume_files import read_volume
 
 from test_finetune import _nodule_table
-from test_infer import classification_bundle
+from test_infer import classification_bundle, segmentation_bundle
 
 SPEC = NoduleInputSpec(cube=16, spacing_mm=2.0)
 
@@ -174,6 +174,25 @@ def test_the_cli_writes_the_outline_it_estimates(outlined, tmp_path, capsys):
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["outline"] is None and result["warnings"] == [] and not missing.exists()
+
+
+def test_evaluate_scores_what_roi_users_get_on_a_table_with_masks(outlined, tmp_path, capsys):
+    csv, model = str(outlined["folder"] / "nodules.csv"), str(outlined["result"]["bundle"])
+    assert main(["evaluate", "--model", model, "--csv", csv, "--device", "cpu", "--roi-from-mask", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["roi_from_mask"] is True and result["cases"] == len(outlined["cases"])
+    assert result["probability_from"] == {"image + learnt outline measures": len(outlined["cases"])}
+    for case, row in list(zip(outlined["cases"], result["per_case"]))[:3]:  # classify given the mask's box as ROI
+        image = read_volume(case.image)
+        shown = classify(image, outlined["bundle"], mask=read_volume(case.mask), device="cpu")
+        by_roi = classify(image, outlined["bundle"], roi=(shown.roi_center_lps, shown.roi_size_mm), device="cpu")
+        assert row["probability"] == pytest.approx(by_roi.probabilities["malignant"], abs=1e-6)
+    assert main(["evaluate", "--model", model, "--csv", csv, "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["probability_from"] == {"image + mask measures": len(outlined["cases"])}
+    lung = segmentation_bundle(tmp_path / "lung.pt")
+    assert main(["evaluate", "--model", str(lung), "--csv", csv, "--roi-from-mask"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--roi-from-mask is for nodule classification models" in err[0]
 
 
 def test_an_empty_outline_leaves_the_image_answer_with_a_warning(outlined):

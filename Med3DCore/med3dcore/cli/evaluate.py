@@ -33,6 +33,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--images", help="folder of images (segmentation)")
     p.add_argument("--labels", help="folder of reference label maps with the images' file names")
     p.add_argument("--label-map", help="map reference label values onto the model's, e.g. 5:1 (others -> 0)")
+    p.add_argument("--roi-from-mask", action="store_true",
+                   help="classification: score what ROI users get: each case's mask only places the box classify "
+                        "would show for it (its bounding box plus the model's context), given as an ROI; the mask's "
+                        "measures are not used")
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICE_CHOICES)} or cuda:N (default auto)")
     p.add_argument("--progress", default="none", choices=PROGRESS_MODES,
                    help="progress on stderr (bar) or stdout (jsonl) while evaluating; default none")
@@ -111,7 +115,7 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
     from ..infer import classify, probability_temperature
     from ..nodule_evaluation import (format_scores, overlap_warning, patient_id, score_with_intervals,
                                      training_overlap)
-    from ..nodules import read_nodule_table
+    from ..nodules import nodule_box, read_nodule_table
     from ..volume_files import read_volume
 
     if not args.csv or args.images:
@@ -123,7 +127,10 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
     scores, truth, rows = [], [], []
     for n, case in enumerate(cases):
         image = read_volume(case.image)
-        if case.mask:
+        if case.mask and args.roi_from_mask:  # the box a mask shows, as an ROI: what an ROI user gets
+            low, high = nodule_box(image, mask=read_volume(case.mask), params=bundle.extra.get("nodule_input"))
+            result = classify(image, bundle, roi=((low + high) / 2.0, high - low), device=args.device)
+        elif case.mask:
             result = classify(image, bundle, mask=read_volume(case.mask), device=args.device)
         elif case.roi:
             result = classify(image, bundle, roi=(case.roi[:3], case.roi[3:]), device=args.device)
@@ -145,6 +152,7 @@ def evaluate_classification(args: argparse.Namespace, bundle: Any, reporter: Any
     out["warnings"] = [warning] if warning else []
     bases = {b: sum(r["basis"] == b for r in rows) for b in sorted({r["basis"] for r in rows})}
     out["probability_from"] = bases
+    out["roi_from_mask"] = bool(args.roi_from_mask)
     out["summary"] = format_scores(scored) + ["probabilities from: " + ", ".join(f"{b} ({n} cases)"
                                                                               for b, n in bases.items())]
     out["per_case"] = rows
@@ -161,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     kind = bundle.task.get("type")
     reporter = make_reporter(args.progress)
     if kind == "segmentation":
+        if args.roi_from_mask:
+            raise Med3DError(f"--roi-from-mask is for nodule classification models; {args.model} segments")
         result = evaluate_segmentation(args, bundle, reporter)
     elif kind == "classification":
         result = evaluate_classification(args, bundle, reporter)
