@@ -206,10 +206,10 @@ def check_bundle(obj: Mapping[str, Any], where: str) -> Optional[bool]:
         limits.number(extra["margin_mm"], f"{where}: the coarse stage's margin (mm)", 0.0, 1000.0)
     if "temperature" in extra:
         check_temperature(extra["temperature"], where)
+    from .nodule_measures import check_fusion
+
     for key in ("measured_fusion", "outline_fusion"):
         if key in extra:
-            from .nodule_measures import check_fusion
-
             check_fusion(extra[key], where)
     if "outline" in extra:  # the nodule outline network (nodule_outline.py) comes with its fusion record
         outline = _mapping(extra["outline"], f"{where}: 'extra.outline'")

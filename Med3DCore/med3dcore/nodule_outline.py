@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 from .errors import Med3DError
+from .metrics import dice
 from .nodule_measures import fit_fusion, fused_probability, measure_features
 from .nodules import NoduleInputSpec
 from .progress import Reporter, make_event
@@ -72,12 +73,6 @@ def outline_masks(net: torch.nn.Module, cubes: np.ndarray, batch_size: int = 8) 
     return np.stack([central_component(f) for f in np.concatenate(found)])
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks (1 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.sum(a & b)) / total
-
-
 def _mask_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
     from .segmentation_finetune import segmentation_loss
 
@@ -113,9 +108,9 @@ def fit_outline_fusion(net: torch.nn.Module, spec: NoduleInputSpec, stage1: Tupl
 
     ``stage1`` = (cubes, mask cubes, labels) of every labelled case; ``val`` = (cubes, mask cubes, labels, the
     classifier's logits (N, 2)) of the validation cases; ``temperature`` is the classifier's (what an empty
-    outline leaves). Returns ``{"record", "validation_dice", "empty",
-    "probabilities", "labels"}`` (probabilities of the validation cases as ``classify`` gives them without a mask) or, when
-    the outline finds too few validation nodules of both classes to fit stage 2, ``{"note"}`` alone."""
+    outline leaves). Returns ``{"record", "validation_dice", "empty", "probabilities", "labels"}`` (probabilities of
+    the validation cases as ``classify`` gives them without a mask) or, when the outline finds too few validation
+    nodules of both classes to fit stage 2, ``{"note"}`` alone."""
     cubes, masks, labels = stage1
     true = [cube_measures(c, m[0] >= 0.5, spec) for c, m in zip(cubes, masks)]
     keep = [i for i, m in enumerate(true) if m is not None]

@@ -14,7 +14,8 @@ from med3dcore.cli import main
 from med3dcore.infer import classify
 from med3dcore.nodule_evaluation import patient_digest
 from med3dcore.nodule_measures import MEASURE_NAMES, measure_features
-from med3dcore.nodule_outline import OUTLINE_ARCHITECTURE, central_component, cube_measures, dice, outline_on_image
+from med3dcore.metrics import dice
+from med3dcore.nodule_outline import OUTLINE_ARCHITECTURE, central_component, cube_measures, outline_on_image
 from med3dcore.nodule_size import measure_nodule
 from med3dcore.nodules import NoduleInputSpec, nodule_box, read_nodule_table, visible_in_cube
 from med3dcore.volume import Volume

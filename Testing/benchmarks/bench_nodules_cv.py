@@ -76,7 +76,7 @@ def main() -> int:
     parser.add_argument("--mask-weight", type=float, default=ClassificationSettings.mask_weight,
                         help="weight of the auxiliary nodule-mask loss (0: none)")
     parser.add_argument("--outline-steps", type=int, default=ClassificationSettings.outline_steps,
-                        help="steps of the nodule outline network (default: --steps; 0: none)")
+                        help="steps of the nodule outline network (default: 3 x --steps; 0: none)")
     parser.add_argument("--seed", type=int, default=ClassificationSettings.seed,
                         help="training seed (batches, augmentation, initial weights); the folds stay the same")
     parser.add_argument("--threads", type=int, default=2)
