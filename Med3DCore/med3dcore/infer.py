@@ -24,7 +24,7 @@ from .errors import Med3DError
 from .model_choice import ModelLike, choose_method
 from .nets.model import Med3DNet, build_model
 from .nodule_size import measure_nodule
-from .nodules import NoduleInputSpec, nodule_box, prepare_nodule, visible_in_cube
+from .nodules import NoduleInputSpec, nodule_box, prepare_nodule
 from .preprocess import PreprocessSpec, check_intensity_range, preprocess_image, restore_class_map
 from .progress import Reporter, make_event, null_reporter
 from .safe_io import regular_file
@@ -325,41 +325,45 @@ def classify(volume: Volume, model: ModelLike, roi: Optional[Tuple[Sequence[floa
             raise Med3DError("roi must be (centre, size): centre x, y, z and size in LPS mm") from None
     elif mask is not None:
         marks["mask"] = mask
-    cube = prepare_nodule(volume, params=params, **marks)
     low, high = nodule_box(volume, params=params, **marks)  # what the network was shown: give it back as --roi
-    box_centre = tuple(float(v) for v in (low + high) / 2.0)
-    box_size = tuple(float(v) for v in high - low)
     size = measure_nodule(volume, mask) if mask is not None else {}
     dev = resolve_device(device)
     net = model_from_bundle(bundle).to(dev)
-    with torch.inference_mode():
-        logits = net(torch.from_numpy(cube)[None].to(dev)).float().cpu()
-    probs = torch.softmax(logits[0] / probability_temperature(bundle), dim=0).numpy()
     names = {int(info["value"]): str(info["name"]) for info in bundle.labels}
-    if len(names) != len(probs):
-        raise Med3DError(f"{_where(bundle)} lists {len(names)} labels but its network gives {len(probs)} classes; "
-                         "the file is damaged")
-    image_probabilities = {names[value]: float(probs[i]) for i, value in enumerate(sorted(names))}
-    basis, outline = "image", None
-    if mask is not None and "measured_fusion" in bundle.extra and len(probs) == 2:
-        from .nodule_measures import check_fusion, fused_probability, measure_features
 
-        fusion = check_fusion(bundle.extra["measured_fusion"], _where(bundle))
-        p = float(fused_probability(fusion, measure_features(volume, mask)[None], logits[0, 1] - logits[0, 0])[0])
-        probs, basis = np.array([1.0 - p, p]), "image + mask measures"
-    elif mask is None and "outline" in bundle.extra and len(probs) == 2:
-        from .nodule_outline import outline_answers, outline_on_image
+    def image_logits(shown: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = net(torch.from_numpy(shown)[None].to(dev)).float().cpu()[0].numpy()
+        if len(names) != len(out):
+            raise Med3DError(f"{_where(bundle)} lists {len(names)} labels but its network gives {len(out)} "
+                             "classes; the file is damaged")
+        return out
 
-        image_logit = float(logits[0, 1] - logits[0, 0])
-        spec = NoduleInputSpec.from_dict(params or {})
-        p, size, found = outline_answers(bundle.extra, _where(bundle), cube[None], [image_logit], dev,
-                                         visible=visible_in_cube(low, high, spec)[None])[0]
-        outline = outline_on_image(volume, found, low, high, spec)
+    basis, outline, p = "image", None, None
+    if mask is None and "outline" in bundle.extra and len(names) == 2:
+        from .nodule_outline import classify_in_outline_box, outline_on_image
+
+        logits, (p, size, found), low, high = classify_in_outline_box(volume, bundle.extra, _where(bundle),
+                                                                       image_logits, low, high, dev)
+        outline = outline_on_image(volume, found, low, high, NoduleInputSpec.from_dict(params or {}))
         if p is None:
             warnings.append("the learnt outline found no nodule in the box shown: the probability is the image's "
                             "alone (is the nodule at the ROI's centre?)")
         else:
-            probs, basis = np.array([1.0 - p, p]), "image + learnt outline measures"
+            basis = "image + learnt outline measures"
+    else:
+        logits = image_logits(prepare_nodule(volume, params=params, **marks))
+    if mask is not None and "measured_fusion" in bundle.extra and len(names) == 2:
+        from .nodule_measures import check_fusion, fused_probability, measure_features
+
+        fusion = check_fusion(bundle.extra["measured_fusion"], _where(bundle))
+        p = float(fused_probability(fusion, measure_features(volume, mask)[None], logits[1] - logits[0])[0])
+        basis = "image + mask measures"
+    image_probs = torch.softmax(torch.from_numpy(logits) / probability_temperature(bundle), dim=0).numpy()
+    image_probabilities = {names[value]: float(image_probs[i]) for i, value in enumerate(sorted(names))}
+    probs = image_probs if p is None else np.array([1.0 - p, p])
+    box_centre = tuple(float(v) for v in (low + high) / 2.0)
+    box_size = tuple(float(v) for v in high - low)
     probabilities = {names[value]: float(probs[i]) for i, value in enumerate(sorted(names))}
     predicted = max(probabilities, key=probabilities.get)  # type: ignore[arg-type]
     return ClassificationResult(probabilities, predicted, box_centre, box_size, warnings,  # type: ignore[arg-type]

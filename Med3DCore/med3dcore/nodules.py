@@ -196,7 +196,7 @@ def prepare_nodule(volume: Volume, *, center_lps: Optional[Sequence[float]] = No
     return cube[None].astype(np.float32)
 
 
-def _cube_points(low: np.ndarray, high: np.ndarray, spec: NoduleInputSpec) -> np.ndarray:
+def cube_points(low: np.ndarray, high: np.ndarray, spec: NoduleInputSpec) -> np.ndarray:
     """LPS centres (N, 3) of the cube's voxels, in (K, J, I) order: axis-aligned in LPS, centred on the box,
     index (i, j, k) -> centre + (index - (n-1)/2) * spacing."""
     centre = (np.asarray(low, float) + np.asarray(high, float)) / 2.0
@@ -211,7 +211,7 @@ def visible_in_cube(low: np.ndarray, high: np.ndarray,
     """Which voxels (D, H, W) of the cube shown for the box (``low``, ``high``; LPS mm) lie inside the box; the
     others read as air (:func:`prepare_nodule`)."""
     spec = _spec(params)
-    points = _cube_points(low, high, spec)
+    points = cube_points(low, high, spec)
     return np.all((points >= low) & (points <= high), axis=1).reshape((spec.cube,) * 3)
 
 
@@ -220,7 +220,7 @@ def _sample_cube(volume: Volume, array: np.ndarray, low: np.ndarray, high: np.nd
     """``array`` (on ``volume``'s grid) linearly sampled on the cube centred on the box (low, high); points outside
     the box or the scan read ``fill``."""
     n = spec.cube
-    points = _cube_points(low, high, spec)
+    points = cube_points(low, high, spec)
     visible = np.all((points >= low) & (points <= high), axis=1)
     ijk = volume.lps_to_ijk(points)
     shape_ijk = np.array(array.shape[::-1])

@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from med3dcore.bundles import load_bundle
+from med3dcore.bundles import load_bundle, model_from_bundle
 from med3dcore.classification_finetune import ClassificationSettings, finetune_classification
 from med3dcore.cli import main
 from med3dcore.infer import classify
 from med3dcore.nodule_evaluation import patient_digest
 from med3dcore.nodule_measures import MEASURE_NAMES, measure_features
 from med3dcore.metrics import dice
-from med3dcore.nodule_outline import OUTLINE_ARCHITECTURE, central_component, cube_measures, outline_on_image
+from med3dcore.nodule_outline import (OUTLINE_ARCHITECTURE, central_component, cube_measures, outline_answers,
+                                      outline_box, outline_on_image)
 from med3dcore.nodule_size import measure_nodule
-from med3dcore.nodules import NoduleInputSpec, nodule_box, read_nodule_table, visible_in_cube
+from med3dcore.nodules import NoduleInputSpec, nodule_box, prepare_nodule, read_nodule_table, visible_in_cube
 from med3dcore.volume import Volume
 from med3dcore.volume_files import read_volume
 
@@ -80,6 +81,51 @@ def test_an_outline_on_the_cube_lands_on_the_image_where_the_cube_was_cut():
     assert not outline_on_image(image, np.zeros((16, 16, 16), bool), low, high, SPEC).array.any()
 
 
+def test_the_box_an_outline_calls_for_is_its_extent_along_the_axes_trained_without_context():
+    spec = NoduleInputSpec(cube=16, spacing_mm=2.0, context_mm=(4.0, 4.0, 0.0))
+    low, high = np.array([-16.0, -16.0, -16.0]), np.array([16.0, 16.0, 10.0])  # centre (0, 0, -3)
+    found = np.zeros((16, 16, 16), bool)
+    found[5:9, 6:8, 7:12] = True  # z, y, x cube indices; voxel centres at centre + (index - 7.5) * 2 mm
+    new_low, new_high = outline_box(found, low, high, spec)
+    # Only z is narrowed (the crops showed no context along it): voxels 5..8 -> centres -8..-2, +-1 mm half voxel.
+    np.testing.assert_allclose(new_low, [-16.0, -16.0, -9.0])
+    np.testing.assert_allclose(new_high, [16.0, 16.0, -1.0])
+    # never beyond the box it was found in
+    everywhere = np.ones((16, 16, 16), bool)
+    np.testing.assert_allclose(np.stack(outline_box(everywhere, low, high, spec)), np.stack([low, high]))
+
+
+def test_a_deeper_roi_is_narrowed_to_the_box_its_outline_calls_for(outlined):
+    """An ROI reaching far beyond the nodule along z is shown as a mask would be: the box classify reports lies
+    inside the ROI, is the box its outline calls for (to within a cube voxel: it has settled, so given back it gives
+    the same answer) and is much shallower than the ROI. (The
+    phantom run's context fills its 16 mm cube along z, so the bundle is given the context of crops that end with
+    their nodules along z, as LIDC's do.)"""
+    bundle = load_bundle(outlined["result"]["bundle"])
+    bundle.extra["nodule_input"] = {**bundle.extra["nodule_input"], "context_mm": [4.0, 5.0, 0.0]}
+    spec = NoduleInputSpec.from_dict(bundle.extra["nodule_input"])
+    case = outlined["cases"][0]
+    image, mask = read_volume(case.image), read_volume(case.mask)
+    low, high = nodule_box(image, mask=mask, params=spec)
+    centre, size = (low + high) / 2, (high - low) + np.array([0.0, 0.0, 8.0])
+    deep = classify(image, bundle, roi=(centre, size), device="cpu")
+    box_low = np.asarray(deep.roi_center_lps) - np.asarray(deep.roi_size_mm) / 2
+    box_high = box_low + np.asarray(deep.roi_size_mm)
+    roi_low, roi_high = nodule_box(image, center_lps=centre, size_mm=size, params=spec)
+    assert np.all(box_low >= roi_low - 1e-6) and np.all(box_high <= roi_high + 1e-6)
+    assert deep.roi_size_mm[2] <= (roi_high - roi_low)[2] - 6.0
+    cube = prepare_nodule(image, center_lps=deep.roi_center_lps, size_mm=deep.roi_size_mm, params=spec)
+    found = outline_answers(bundle.extra, "b", cube[None], [0.0], torch.device("cpu"),
+                            visible=visible_in_cube(box_low, box_high, spec)[None])[0][2]
+    settled = np.stack(outline_box(found, box_low, box_high, spec)) - np.stack([box_low, box_high])
+    assert np.abs(settled).max() < spec.spacing_mm  # no side would move by a cube voxel
+    np.testing.assert_allclose(box_low[:2], roi_low[:2])  # in-plane the ROI is kept
+    np.testing.assert_allclose(box_high[:2], roi_high[:2])
+    again = classify(image, bundle, roi=(deep.roi_center_lps, deep.roi_size_mm), device="cpu")
+    assert again.probabilities == pytest.approx(deep.probabilities, abs=1e-9)
+    assert deep.diameter_mm == pytest.approx(classify(image, bundle, mask=mask, device="cpu").diameter_mm, rel=0.35)
+
+
 @pytest.fixture(scope="module")
 def outlined(tmp_path_factory):
     """A small nodule run on phantom crops (every case has a mask, so an outline network is trained)."""
@@ -104,18 +150,43 @@ def test_a_run_with_masks_stores_an_outline_that_classify_uses_without_a_mask(ou
     assert record["validation_dice"] == result["outline"]["validation_dice"] >= 0.5  # bright balls in lung
     assert any(e.get("kind") == "message" and e["message"].startswith("nodule outline (classify without a mask)")
                for e in events)
-    # classify with an ROI alone, given the box a mask shows, reproduces the validation probabilities of the fit
+    # Given the box a mask shows, the outline's answers on that cube are the fit's validation probabilities, and
+    # classify with that box as its ROI gives the same answers on the box it narrows to (the one it reports).
     fitted = result["outline"]
     shown = [c for c in outlined["cases"]
              if patient_digest(c.patient) in bundle.provenance["data"]["validation_patient_sha256"]]
     assert len(shown) == len(fitted["probabilities"]) == 6
+    net = model_from_bundle(bundle)
+    spec = NoduleInputSpec.from_dict(bundle.extra["nodule_input"])
+
+    def answer_on(image, low, high):
+        cube = prepare_nodule(image, center_lps=(low + high) / 2, size_mm=high - low, params=spec)
+        with torch.no_grad():
+            logits = net(torch.from_numpy(cube)[None])[0].numpy()
+        found = outline_answers(bundle.extra, "b", cube[None], [logits[1] - logits[0]], torch.device("cpu"),
+                                visible=visible_in_cube(low, high, spec)[None])
+        return logits, found[0]
+
     for case, expected in zip(shown, fitted["probabilities"]):
         image, mask = read_volume(case.image), read_volume(case.mask)
         by_mask = classify(image, bundle, mask=mask, device="cpu")
+        low, high = nodule_box(image, mask=mask, params=spec)
+        assert answer_on(image, low, high)[1][0] == pytest.approx(expected, abs=1e-5)
         by_roi = classify(image, bundle, roi=(by_mask.roi_center_lps, by_mask.roi_size_mm), device="cpu")
         assert by_roi.basis == "image + learnt outline measures" and by_roi.size_from == "learnt outline"
-        assert by_roi.probabilities["malignant"] == pytest.approx(expected, abs=1e-5)
-        assert by_roi.image_probabilities == pytest.approx(by_mask.image_probabilities, abs=1e-6)
+        reported = np.asarray(by_roi.roi_center_lps), np.asarray(by_roi.roi_size_mm)
+        # this run's crops show context along every axis, so nothing is narrowed: the box given is the box shown
+        assert by_roi.roi_size_mm == pytest.approx(by_mask.roi_size_mm)
+        assert np.all(reported[0] - reported[1] / 2 >= low - 1e-6) and np.all(reported[0] + reported[1] / 2 <= high + 1e-6)
+        logits, (p, size, _) = answer_on(image, reported[0] - reported[1] / 2, reported[0] + reported[1] / 2)
+        assert by_roi.probabilities["malignant"] == pytest.approx(p, abs=1e-6)
+        assert by_roi.image_probabilities["malignant"] == pytest.approx(
+            float(torch.softmax(torch.from_numpy(logits) / bundle.extra["temperature"], 0)[1]), abs=1e-6)
+        assert by_roi.diameter_mm == pytest.approx(size["diameter_mm"])
+        # the reported box, given back as the ROI, is shown again as it is: the same answer
+        again = classify(image, bundle, roi=reported, device="cpu")
+        assert again.probabilities == pytest.approx(by_roi.probabilities, abs=1e-9)
+        assert again.roi_size_mm == pytest.approx(by_roi.roi_size_mm)
         # the outline's size estimates the mask's (2 mm cube voxels against the crop's finer ones)
         assert by_mask.size_from == "mask" and by_mask.outline is None
         assert by_roi.diameter_mm == pytest.approx(by_mask.diameter_mm, rel=0.35)

@@ -132,7 +132,7 @@ def main() -> int:
             rows[f"{folder.name}{ALONE}"] = alone
             cnn = alone  # what the network adds to the measurements, below
         outlined = cnn_probabilities(folder, folds, labels, "roi_probabilities")
-        if outlined is not None:  # the run's bundles hold a nodule outline network (nodule_outline.py)
+        if outlined is not None and not np.allclose(outlined, cnn):  # the bundles hold an outline network
             rows[f"{folder.name}{OUTLINE}"] = outlined
         # Does the CNN add anything to the measurements? Its out-of-fold logit as an eighth feature (exploratory:
         # the CNN logits of the stacker's training folds come from models that saw its test fold).

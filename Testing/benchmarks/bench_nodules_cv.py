@@ -9,9 +9,11 @@ Without tuning flags each fold is exactly what `med3d finetune --task nodule` do
 cube and temperature scaling). Each fold trains on the other folds (with the inner patient-grouped validation split
 that picks the best checkpoint by AUC and fits the temperature) and is scored once on its held-out patients with the
 probabilities classify would give: with the nodule's mask, so the measured-size model takes part (``probabilities``;
-nodule_measures.py), from the image alone (``image_probabilities``) and, as classify gives them with an ROI alone,
-from the image and the learnt outline's measures (``roi_probabilities``; nodule_outline.py). Per-fold results go to
-OUT/fold<k>.json, so an interrupted run keeps the folds it finished; the prepared cubes are cached beside OUT.
+nodule_measures.py), from the image alone (``image_probabilities``) and with an ROI alone (``roi_probabilities``:
+``classify`` itself given the box the mask shows as its ROI, as ``med3d evaluate --roi-from-mask`` scores it, so the
+learnt outline and the box it narrows to take part; nodule_outline.py). Per-fold results go to OUT/fold<k>.json, so
+an interrupted run keeps the folds it finished; the prepared cubes are cached beside OUT. ``--rescore-roi RUN``
+recomputes only the ROI-only answers of a finished run's fold bundles with today's classify (into OUT).
 bench_nodule_table.py puts the runs next to the baselines, with confidence intervals.
 """
 from __future__ import annotations
@@ -30,12 +32,12 @@ from med3dcore.bundles import load_bundle, model_from_bundle
 from med3dcore.classification_finetune import (ClassificationSettings, classification_metrics, finetune_classification,
                                                predict_logits, softmax_with_temperature)
 from med3dcore.finetune import grouped_folds
-from med3dcore.infer import probability_temperature
+from med3dcore.infer import classify, probability_temperature
 from med3dcore.nodule_cubes import cached_cubes
 from med3dcore.nodule_measures import fused_probability, measure_cases
-from med3dcore.nodule_outline import outline_answers
-from med3dcore.nodules import NoduleInputSpec, read_nodule_table, trained_context
+from med3dcore.nodules import NoduleInputSpec, nodule_box, read_nodule_table, trained_context
 from med3dcore.progress import make_reporter
+from med3dcore.volume_files import read_volume
 
 DATA = Path(os.environ.get("MED3D_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data"
 
@@ -56,6 +58,31 @@ def summary(folders) -> None:
               f"+- {np.std(accs):.3f}, AUC {np.mean(aucs):.3f} +- {np.std(aucs):.3f} (per fold) | pooled accuracy "
               f"{pooled['accuracy']:.3f}, AUC {pooled['auc']:.3f} | majority-class accuracy "
               f"{max(labels.mean(), 1 - labels.mean()):.3f} | {sum(r['seconds'] for r in rows) / 60:.1f} min")
+
+
+def roi_only_probabilities(bundle_path: Path, cases: list) -> np.ndarray:
+    """Malignant probability of each case as `classify` gives it with an ROI alone: the box the case's mask shows,
+    given as the ROI (`med3d evaluate --roi-from-mask`)."""
+    bundle = load_bundle(bundle_path)
+    out = []
+    for case in cases:
+        image = read_volume(case.image)
+        low, high = nodule_box(image, mask=read_volume(case.mask), params=bundle.extra.get("nodule_input"))
+        out.append(classify(image, bundle, roi=((low + high) / 2.0, high - low), device="cpu").probabilities["malignant"])
+    return np.array(out)
+
+
+def rescore_roi(run: Path, out: Path, cases: list, folds: list) -> None:
+    """Copy a finished run's folds into ``out`` with their ROI-only answers recomputed by today's classify."""
+    out.mkdir(parents=True, exist_ok=True)
+    for k, test_idx in enumerate(folds):
+        record = json.loads((run / f"fold{k}.json").read_text())
+        labels = np.array(record["labels"])
+        p = roi_only_probabilities(run / f"fold{k}.pt", [cases[i] for i in test_idx])
+        record.update(roi_probabilities=p.tolist(), roi_test=classification_metrics(np.column_stack([1 - p, p]),
+                                                                                     labels), rescored_from=str(run))
+        (out / f"fold{k}.json").write_text(json.dumps(record))
+        print(f"fold {k}: ROI-only AUC {record['roi_test']['auc']:.3f}", file=sys.stderr)
 
 
 def main() -> int:
@@ -81,20 +108,25 @@ def main() -> int:
                         help="training seed (batches, augmentation, initial weights); the folds stay the same")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", nargs="*", help="print the summary of finished runs and exit")
+    parser.add_argument("--rescore-roi", type=Path, metavar="RUN",
+                        help="recompute the ROI-only answers of RUN's fold bundles into --out, and exit")
     args = parser.parse_args()
     if args.summary:
         summary(args.summary)
         return 0
     torch.set_num_threads(args.threads)
     cases = read_nodule_table(str(DATA / "nodules" / "labels.csv"))
+    labels = np.array([c.label for c in cases])
+    folds = grouped_folds([c.patient for c in cases], args.folds, strata=labels, seed=0)
+    if args.rescore_roi:
+        rescore_roi(args.rescore_roi, args.out, cases, folds)
+        return 0
     # The context the crops show around their masks, as finetune measures it (a property of how the crops were
     # cut, not of their labels, so measuring it on every case leaks nothing between folds).
     spec = trained_context(cases, NoduleInputSpec(cube=args.cube, spacing_mm=args.cube_spacing))
     cubes = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"))
     # Every crop has a mask: the mask loss (--mask-weight) and the outline network (--outline-steps) learn from them.
     masks = cached_cubes(cases, spec, args.out.parent / "cache", make_reporter("bar"), kind="mask")
-    labels = np.array([c.label for c in cases])
-    folds = grouped_folds([c.patient for c in cases], args.folds, strata=labels, seed=0)
     args.out.mkdir(parents=True, exist_ok=True)
     reporter = make_reporter("bar")
     for k, test_idx in enumerate(folds):
@@ -122,9 +154,7 @@ def main() -> int:
             probs = np.column_stack([1 - p, p])
         roi_probs = image_probs
         if "outline" in bundle.extra:  # classify without a mask: the image and the learnt outline's measures
-            answers = outline_answers(bundle.extra, str(result["bundle"]), cubes[test_idx],
-                                      logits[:, 1] - logits[:, 0], torch.device("cpu"))
-            p = np.array([a[0] if a[0] is not None else q for a, q in zip(answers, image_probs[:, 1])])
+            p = roi_only_probabilities(result["bundle"], [cases[i] for i in test_idx])
             roi_probs = np.column_stack([1 - p, p])
         test = classification_metrics(probs, labels[test_idx])
         record = {"init": args.init, "fold": k, "test": test, "validation": result["metrics"],
