@@ -16,6 +16,9 @@ SEGMENTATION_TASKS = ("lung", "liver")
 # The learnt outline's one segment (SNOMED CT 27925004 "nodule"): yellow, apart from the lung presets' colours.
 OUTLINE_LABEL = {"value": 1, "name": "nodule outline (estimated)", "color": [230, 200, 40],
                  "terminology": "SCT^27925004^Nodule"}
+# An ROI or mask remembers its last result table and learnt outline under these node-reference roles, so that
+# classifying it again updates them instead of adding another table and outline each time.
+RESULT_TABLE_ROLE, OUTLINE_ROLE = "Med3DResultTable", "Med3DOutline"
 
 
 def export_input(kind: str, volumeNode: Any) -> Tuple[str, str]:
@@ -87,7 +90,8 @@ def check_classify_inputs(volumeNode: Any, roiNode: Any, maskNode: Any) -> Optio
 def start_classify(volumeNode: Any, roiNode: Any, model: str, device: str = "auto", tableNode: Any = None,
                    maskNode: Any = None) -> jobs.InferenceJob:
     """``med3d classify`` in the background; the result fills a table node beside the volume (``job.result``
-    is {class: probability}, ``job.table`` the table)."""
+    is {class: probability}, ``job.table`` the table): ``tableNode``, else the one this ROI or mask was last
+    classified into, else a new one. A learnt outline replaces the marker's earlier one (``job.outline``)."""
     import slicer
 
     roiLPS = check_classify_inputs(volumeNode, roiNode, maskNode)
@@ -110,13 +114,20 @@ def start_classify(volumeNode: Any, roiNode: Any, model: str, device: str = "aut
         from med3dcore.volume_files import read_volume
 
         reference = still_there(nodeId, volumeName)
-        table = tableNode or slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", tableName)
+        table = (tableNode or marker.GetNodeReference(RESULT_TABLE_ROLE)
+                 or slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", tableName))
         scene.fill_result_table(table, job.state.result)
         scene.place_with(table, reference)
+        marker.SetNodeReferenceID(RESULT_TABLE_ROLE, table.GetID())
+        previous = marker.GetNodeReference(OUTLINE_ROLE)
         if job.state.result.get("outline"):  # the outline the size and probability came from, to check by eye
             job.outline = scene.segmentation_from_labels(read_volume(outline), [OUTLINE_LABEL], reference,
-                                                         f"{marker.GetName()} outline (estimated)")
+                                                         f"{marker.GetName()} outline (estimated)", previous)
             scene.place_with(job.outline, reference)
+            marker.SetNodeReferenceID(OUTLINE_ROLE, job.outline.GetID())
+        elif previous is not None:  # an earlier answer's outline would now show what this answer did not use
+            slicer.mrmlScene.RemoveNode(previous)
+            marker.SetNodeReferenceID(OUTLINE_ROLE, None)
         if roiNode is not None:
             scene.remember_volume(roiNode, reference)
         job.table = table

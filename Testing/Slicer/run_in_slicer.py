@@ -15,7 +15,7 @@ the PyTorch extension, and use the panel as a user would:
    installs them, segments the lungs in a background PythonSlicer while the event loop runs, and loads named,
    coloured segments whose terminology Slicer's own Terminologies logic accepts;
 3. one nodule classification from the panel, with a tiny constant-output model made here, into a table,
-   and the model's learnt outline shown as a segmentation;
+   and the model's learnt outline shown as a segmentation (classifying again updates both);
 4. one tiny fine-tuning run from the panel on two small cases in the scene; the new model is then listed.
 """
 from __future__ import annotations
@@ -152,6 +152,12 @@ def _run_checks(work: Path) -> None:
     check(parts.GetNumberOfSegments() == 1, f"the outline has {parts.GetNumberOfSegments()} segments")
     check(slicer.util.arrayFromSegmentBinaryLabelmap(outline, parts.GetNthSegmentID(0), volume).any(),
           "the learnt outline is empty")
+    ui.applyButton.click()  # the same ROI again: its table and outline are updated, not added again
+    run_events(lambda: widget._job is None, 600, "nodule classification again")
+    check(list(slicer.mrmlScene.GetNodesByClass("vtkMRMLTableNode")) == [table], "a second result table was added")
+    outlines = [n for n in slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")
+                if n.GetName().startswith("Nodule 1 malignant outline")]
+    check(outlines == [outline], f"{len(outlines)} outlines after classifying the ROI twice")
     print("Med3D: nodule classification passed")
 
     # Two small cases (a downsampled copy of the sample with a stand-in lung mask) checked in the panel.

@@ -329,7 +329,8 @@ def test_classify_with_an_roi_shows_the_learnt_outline(env, model_folder) -> Non
     roi_node.SetSize(10, 10, 10)
     probabilities = logic.classifyNodule(node, roi_node, model=str(model_folder / "nodule-outline.pt"), device="cpu")
     assert probabilities == pytest.approx({"benign": 0.25, "malignant": 0.75})  # the fusion gives the image's own
-    table = logic.lastResultTable.GetTable()
+    table_node = logic.lastResultTable
+    table = table_node.GetTable()
     rows = {table.GetValue(r, 0).ToString(): table.GetValue(r, 1).ToString() for r in range(table.GetNumberOfRows())}
     assert rows["probability from"] == "image + learnt outline measures"
     assert rows["size from"] == "learnt outline (an estimate)"
@@ -344,6 +345,24 @@ def test_classify_with_an_roi_shows_the_learnt_outline(env, model_folder) -> Non
     np.testing.assert_array_equal(segment_world_mask(slicer, outline, "nodule outline (estimated)", node), expected)
     # the size is measured on the cube: 6 of its 2 mm voxels per axis have their centres in the 10 mm box
     assert float(rows["volume (mL)"]) == pytest.approx(6 ** 3 * 8 / 1000)
+    # Classifying the same ROI again updates its table and outline instead of adding new ones (the ROI keeps node
+    # references to them, as vtkMRMLNode::SetNodeReferenceID stores them) ...
+    tables, segmentations = (len(slicer.mrmlScene.GetNodesByClass(c))
+                             for c in ("vtkMRMLTableNode", "vtkMRMLSegmentationNode"))
+    roi_node.SetSize(10, 10, 6)
+    logic.classifyNodule(node, roi_node, model=str(model_folder / "nodule-outline.pt"), device="cpu")
+    assert logic.lastResultTable is table_node and logic.lastOutline is outline
+    assert len(slicer.mrmlScene.GetNodesByClass("vtkMRMLTableNode")) == tables
+    assert len(slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")) == segmentations
+    assert segment_world_mask(slicer, outline, "nodule outline (estimated)", node).sum() < expected.sum()
+    # ... and a model without an outline removes the earlier outline, which no longer says where the answer came from
+    logic.classifyNodule(node, roi_node, model=str(model_folder / "nodule-3to1.pt"), device="cpu")
+    assert logic.lastOutline is None and slicer.mrmlScene.GetNodeByID(outline.GetID()) is None
+    assert len(slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode")) == segmentations - 1
+    table = logic.lastResultTable.GetTable()
+    assert logic.lastResultTable is table_node
+    rows = {table.GetValue(r, 0).ToString(): table.GetValue(r, 1).ToString() for r in range(table.GetNumberOfRows())}
+    assert rows["probability from"] == "image" and "size from" not in rows
     # with a mask there is no outline to estimate: the mask is the outline
     labels = expected.astype(np.uint8)
     mask = logic.segmentationFromLabels(logic.volumeFromNode(node).with_array(labels), [{"value": 1, "name": "n"}],
