@@ -40,7 +40,7 @@ from .volume import Volume
 OUTLINE_ARCHITECTURE = {"backbone": {"depth": 10, "shortcut_type": "B"},
                         "head": {"type": "lung_decoder", "num_classes": 2, "channels": [64, 32, 16]}}
 OUTLINE_LR = 1e-3  # Adam, poly schedule, batch 8: what bench_nodule_roi_segmentation.py measured
-MAX_NARROWINGS = 3  # each narrowing shrinks the box; a real nodule's box settles after one or two
+MAX_NARROWINGS = 3  # a bound on the looks: each narrowing only shrinks the box, by less each time
 
 
 def central_component(mask: np.ndarray) -> np.ndarray:
@@ -210,10 +210,11 @@ def classify_in_outline_box(volume: Volume, extra: Mapping[str, Any], where: str
                             image_logits: Callable[[np.ndarray], np.ndarray], low: np.ndarray, high: np.ndarray,
                             device: torch.device) -> Tuple[np.ndarray, Answer, np.ndarray, np.ndarray]:
     """Classify without a mask as a mask would be classified: outline the nodule in the box (``low``, ``high``; LPS
-    mm), narrow the box to :func:`outline_box` along the :func:`narrowed_axes` and look again, until no side would move by a cube voxel (at most
-    :data:`MAX_NARROWINGS` times). ``image_logits(cube)`` gives the classifier's logits for a prepared (1, D, H, W)
-    cube. Returns the classifier's logits, the :func:`outline_answers` answer and the box they were computed on,
-    which, given back as an ROI, gives the same answer once the box has settled. An empty outline keeps its box."""
+    mm), narrow the box to :func:`outline_box` along the :func:`narrowed_axes` and look again, until no side would
+    move by a cube voxel (at most :data:`MAX_NARROWINGS` times). ``image_logits(cube)`` gives the classifier's
+    logits for a prepared (1, D, H, W) cube. Returns the classifier's logits, the :func:`outline_answers` answer
+    and the box they were computed on, which, given back as an ROI, gives the same answer once the box has
+    settled. An empty outline keeps its box; a model trained with context on every axis narrows nothing."""
     spec = NoduleInputSpec.from_dict(extra.get("nodule_input") or {})
     net = outline_network(extra, where)
     for narrowed in range(MAX_NARROWINGS + 1):

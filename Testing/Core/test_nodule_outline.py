@@ -177,7 +177,8 @@ def test_a_run_with_masks_stores_an_outline_that_classify_uses_without_a_mask(ou
         reported = np.asarray(by_roi.roi_center_lps), np.asarray(by_roi.roi_size_mm)
         # this run's crops show context along every axis, so nothing is narrowed: the box given is the box shown
         assert by_roi.roi_size_mm == pytest.approx(by_mask.roi_size_mm)
-        assert np.all(reported[0] - reported[1] / 2 >= low - 1e-6) and np.all(reported[0] + reported[1] / 2 <= high + 1e-6)
+        assert np.all(reported[0] - reported[1] / 2 >= low - 1e-6)
+        assert np.all(reported[0] + reported[1] / 2 <= high + 1e-6)
         logits, (p, size, _) = answer_on(image, reported[0] - reported[1] / 2, reported[0] + reported[1] / 2)
         assert by_roi.probabilities["malignant"] == pytest.approx(p, abs=1e-6)
         assert by_roi.image_probabilities["malignant"] == pytest.approx(

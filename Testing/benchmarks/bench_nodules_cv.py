@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from med3dcore.finetune import grouped_folds
 from med3dcore.infer import classify, probability_temperature
 from med3dcore.nodule_cubes import cached_cubes
 from med3dcore.nodule_measures import fused_probability, measure_cases
-from med3dcore.nodules import NoduleInputSpec, nodule_box, read_nodule_table, trained_context
+from med3dcore.nodules import NoduleCase, NoduleInputSpec, nodule_box, read_nodule_table, trained_context
 from med3dcore.progress import make_reporter
 from med3dcore.volume_files import read_volume
 
@@ -60,7 +61,7 @@ def summary(folders) -> None:
               f"{max(labels.mean(), 1 - labels.mean()):.3f} | {sum(r['seconds'] for r in rows) / 60:.1f} min")
 
 
-def roi_only_probabilities(bundle_path: Path, cases: list) -> np.ndarray:
+def roi_only_probabilities(bundle_path: Path, cases: Sequence[NoduleCase]) -> np.ndarray:
     """Malignant probability of each case as `classify` gives it with an ROI alone: the box the case's mask shows,
     given as the ROI (`med3d evaluate --roi-from-mask`)."""
     bundle = load_bundle(bundle_path)
@@ -68,11 +69,12 @@ def roi_only_probabilities(bundle_path: Path, cases: list) -> np.ndarray:
     for case in cases:
         image = read_volume(case.image)
         low, high = nodule_box(image, mask=read_volume(case.mask), params=bundle.extra.get("nodule_input"))
-        out.append(classify(image, bundle, roi=((low + high) / 2.0, high - low), device="cpu").probabilities["malignant"])
+        result = classify(image, bundle, roi=((low + high) / 2.0, high - low), device="cpu")
+        out.append(result.probabilities["malignant"])
     return np.array(out)
 
 
-def rescore_roi(run: Path, out: Path, cases: list, folds: list) -> None:
+def rescore_roi(run: Path, out: Path, cases: Sequence[NoduleCase], folds: Sequence[np.ndarray]) -> None:
     """Copy a finished run's folds into ``out`` with their ROI-only answers recomputed by today's classify."""
     out.mkdir(parents=True, exist_ok=True)
     for k, test_idx in enumerate(folds):
