@@ -98,9 +98,8 @@ def test_the_box_an_outline_calls_for_is_its_extent_along_the_axes_trained_witho
 def test_a_deeper_roi_is_narrowed_to_the_box_its_outline_calls_for(outlined):
     """An ROI reaching far beyond the nodule along z is shown as a mask would be: the box classify reports lies
     inside the ROI, is the box its outline calls for (to within a cube voxel: it has settled, so given back it gives
-    the same answer) and is much shallower than the ROI. (The
-    phantom run's context fills its 16 mm cube along z, so the bundle is given the context of crops that end with
-    their nodules along z, as LIDC's do.)"""
+    the same answer) and is much shallower than the ROI. (The phantom run's context fills its 16 mm cube along z,
+    so the bundle is given the context of crops that end with their nodules along z, as LIDC's do.)"""
     bundle = load_bundle(outlined["result"]["bundle"])
     bundle.extra["nodule_input"] = {**bundle.extra["nodule_input"], "context_mm": [4.0, 5.0, 0.0]}
     spec = NoduleInputSpec.from_dict(bundle.extra["nodule_input"])
