@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from med3dcore.bundles import load_bundle, model_from_bundle
+from med3dcore.bundles import Bundle, load_bundle, model_from_bundle
 from med3dcore.classification_finetune import (ClassificationSettings, classification_metrics, finetune_classification,
                                                predict_logits, softmax_with_temperature)
 from med3dcore.finetune import grouped_folds
@@ -61,10 +61,9 @@ def summary(folders) -> None:
               f"{max(labels.mean(), 1 - labels.mean()):.3f} | {sum(r['seconds'] for r in rows) / 60:.1f} min")
 
 
-def roi_only_probabilities(bundle_path: Path, cases: Sequence[NoduleCase]) -> np.ndarray:
+def roi_only_probabilities(bundle: Bundle, cases: Sequence[NoduleCase]) -> np.ndarray:
     """Malignant probability of each case as `classify` gives it with an ROI alone: the box the case's mask shows,
     given as the ROI (`med3d evaluate --roi-from-mask`)."""
-    bundle = load_bundle(bundle_path)
     out = []
     for case in cases:
         image = read_volume(case.image)
@@ -80,7 +79,7 @@ def rescore_roi(run: Path, out: Path, cases: Sequence[NoduleCase], folds: Sequen
     for k, test_idx in enumerate(folds):
         record = json.loads((run / f"fold{k}.json").read_text())
         labels = np.array(record["labels"])
-        p = roi_only_probabilities(run / f"fold{k}.pt", [cases[i] for i in test_idx])
+        p = roi_only_probabilities(load_bundle(run / f"fold{k}.pt"), [cases[i] for i in test_idx])
         record.update(roi_probabilities=p.tolist(), roi_test=classification_metrics(np.column_stack([1 - p, p]),
                                                                                      labels), rescored_from=str(run))
         (out / f"fold{k}.json").write_text(json.dumps(record))
@@ -156,7 +155,7 @@ def main() -> int:
             probs = np.column_stack([1 - p, p])
         roi_probs = image_probs
         if "outline" in bundle.extra:  # classify without a mask: the image and the learnt outline's measures
-            p = roi_only_probabilities(result["bundle"], [cases[i] for i in test_idx])
+            p = roi_only_probabilities(bundle, [cases[i] for i in test_idx])  # the bundle loaded above
             roi_probs = np.column_stack([1 - p, p])
         test = classification_metrics(probs, labels[test_idx])
         record = {"init": args.init, "fold": k, "test": test, "validation": result["metrics"],
